@@ -3,12 +3,18 @@
 Two projection branches lift the old embedding (d_old → 2·d_old → 2·d_new) and the side-information
 (d_side → 2·d_side → 2·d_new); their concatenation (4·d_new) goes through a mixer (→ inner → inner → d_new).
 Every layer is Dense + BatchNorm + ReLU except the mixer's last, which is a plain Dense.
+
+ml-fct builds each layer as a 1×1 conv on [B, D, 1, 1] features with ``bias=normalizer is None``: the layers
+followed by BatchNorm have no bias (BN's β replaces it) and only the final layer has one. With
+(128, 128, 128, 2048) that is 5,712,000 parameters.
 """
 
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from fct_jax.models.heads import torch_default_bias_init, torch_default_init
 
 
 class FCTTransformation(nn.Module):
@@ -17,8 +23,11 @@ class FCTTransformation(nn.Module):
   Attributes:
     old_dim, side_dim, new_dim: widths of φ_old, ψ and φ_new. ``side_dim=0`` means "no side-information":
       the side branch is skipped and its half of the mixer input is zeros, so parameter shapes of the mixer are
-      the same as with side-information.
+      the same as with side-information. An all-zero side input with ``side_dim > 0`` also works (BN of a
+      constant is zero). ml-fct: its "no side-info" run instead feeds the old embedding again as side-information
+      (``side_info_model = old_model``); we follow the paper's ψ(x) = 0.
     inner_dim: mixer width (2048 in the paper).
+    dtype: compute dtype; parameters float32.
   """
   old_dim: int
   side_dim: int
@@ -28,9 +37,20 @@ class FCTTransformation(nn.Module):
 
   @nn.compact
   def __call__(self, old, side=None, train: bool = False):
-    """Args: old [B, old_dim]; side [B, side_dim] or None. Returns {"embedding": [B, new_dim]}."""
+    """Maps old embeddings (and side-information) to the new embedding space.
+
+    Args:
+      old: [B, old_dim] old embeddings.
+      side: [B, side_dim] side-information, or None when ``side_dim == 0``.
+      train: batch statistics for BatchNorm (ml-fct switches to eval mode for the second half of training;
+        that schedule belongs to the stage).
+
+    Returns:
+      {"embedding": [B, new_dim] float32}.
+    """
+    # ml-fct: PyTorch's default init (U(±1/√fan_in)) for every layer, which this reproduces.
     def block(x, width, name):
-      x = nn.Dense(width, dtype=self.dtype, name=f"{name}_dense")(x)
+      x = nn.Dense(width, use_bias=False, dtype=self.dtype, kernel_init=torch_default_init, name=f"{name}_dense")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"{name}_bn")(x)
       return nn.relu(x)
 
@@ -47,5 +67,6 @@ class FCTTransformation(nn.Module):
     x = jnp.concatenate([p1, p2], axis=-1)
     x = block(x, self.inner_dim, "mix0")
     x = block(x, self.inner_dim, "mix1")
-    x = nn.Dense(self.new_dim, dtype=self.dtype, name="mix_out")(x)
+    x = nn.Dense(self.new_dim, dtype=self.dtype, kernel_init=torch_default_init,
+                 bias_init=torch_default_bias_init(self.inner_dim), name="mix_out")(x)
     return {"embedding": x.astype(jnp.float32)}

@@ -1,0 +1,84 @@
+"""Checkpoints (orbax) and the saved stage outputs.
+
+A stage's workdir holds:
+  ``config.json``   the stage config that built it (the next stage rebuilds models from it);
+  ``checkpoints/``  orbax ``CheckpointManager`` steps of the full train state, for resuming;
+  ``model/``        the final model variables only ({params, batch_stats}), read by later stages;
+  ``DONE``          written last: a stage without it is unfinished and is resumed, never read downstream.
+Orbax writes each step to a temporary directory and renames it when complete, so a half-written checkpoint is
+never picked up.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from fct_jax.errors import FCTError
+
+DONE = "DONE"
+
+
+def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_state(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False):
+  mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None):
+  """Restores into the structure/shardings of ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct``)."""
+  step = mngr.latest_step() if step is None else step
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except Exception as e:  # orbax raises several types for unreadable or mismatching checkpoints
+    raise FCTError(f"cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def save_model(stage_dir: str, variables: Any):
+  """Writes the final model variables (replicated arrays) to ``stage_dir/model``."""
+  path = os.path.abspath(os.path.join(stage_dir, "model"))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, variables, force=True)
+  ckptr.wait_until_finished()
+
+
+def load_model(stage_dir: str) -> Any:
+  """Reads ``stage_dir/model`` as a pytree of numpy/jax arrays (host memory, no target needed)."""
+  path = os.path.abspath(os.path.join(stage_dir, "model"))
+  if not os.path.isdir(path):
+    raise FCTError(f"no saved model in {stage_dir} (stage not finished?)")
+  try:
+    return ocp.StandardCheckpointer().restore(path)
+  except Exception as e:
+    raise FCTError(f"cannot read model in {path}: {type(e).__name__}") from e
+
+
+def write_json(path: str, obj: Any):
+  """Writes JSON atomically (temp file + rename) from process 0."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_done(stage_dir: str) -> bool:
+  return os.path.exists(os.path.join(stage_dir, DONE))
+
+
+def mark_done(stage_dir: str):
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, DONE), "w") as f:
+      f.write("ok\n")

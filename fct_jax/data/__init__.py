@@ -1,0 +1,1 @@
+"""Data: sources (random access), the embedded demo generator, augmentation and the grain pipeline."""

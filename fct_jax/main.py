@@ -1,0 +1,70 @@
+r"""Command-line entry point.
+
+  python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
+  python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.train.epochs=3
+
+``--config`` takes a Python config file and an optional argument after ``:`` (``stage=NAME``, ``runlocal``;
+comma-separated). Any config field can be overridden with ``--config.FIELD=VALUE``. Errors in the user's input
+are printed as one line and exit with status 2.
+"""
+
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (Python).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (created if missing).")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
+                                 "Call jax.distributed.initialize(): auto = when a multi-host job is detected.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _one_line(e: BaseException, argv) -> str:
+  """A one-line reason for a flag/config parsing failure (absl would print a multi-line traceback)."""
+  text = str(e)
+  if isinstance(e, (AttributeError, KeyError)):
+    name = text.strip("\"' ")
+    culprit = next((a.split("=")[0] for a in argv if a.startswith("--config.") and name in a), name)
+    return f"unknown config field in {culprit}"
+  errors = re.findall(r"^\s*(\w+(?:Error|Exception)): (.+)$", text, flags=re.M)
+  if errors:
+    return errors[-1][1].strip()
+  return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"error: {_one_line(e, argv)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  # Imported here so that flag parsing errors come before the (slow) JAX import.
+  from fct_jax import experiment, sharding  # pylint: disable=g-import-not-at-top
+  from fct_jax.errors import FCTError  # pylint: disable=g-import-not-at-top
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # config_flags defers load failures to first use
+  except (OSError, ImportError, SyntaxError) as e:
+    path = flags.FLAGS["config"].serialize().split("=", 1)[-1].split(":")[0]
+    reason = "file not found" if "No such file" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    print(f"error: cannot load config file {path}: {reason}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  try:
+    sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
+    experiment.run(config, _WORKDIR.value)
+  except FCTError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,9 @@
+"""Stage kinds. Each module exposes ``run(cfg, stage_dir, ctx)``; :data:`STAGE_KINDS` maps a config's ``kind``."""
+
+from fct_jax.stages import backbone, evaluation, transformation
+
+STAGE_KINDS = {
+    "backbone": backbone.run,
+    "transformation": transformation.run,
+    "evaluation": evaluation.run,
+}
