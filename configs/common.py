@@ -51,7 +51,7 @@ def backbone_stage(name: str, *, data, split: str, model, train_cfg, seed: int, 
   return ml_collections.ConfigDict({
       "name": name, "kind": "backbone", "seed": seed, "data": data, "split": split, "model": model,
       "loss": {"label_smoothing": label_smoothing}, "train": train_cfg, "augment": augment,
-      "eval_split": eval_split, "eval_batch_size": eval_batch_size})
+      "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
 
 def transformation_stage(name: str, *, data, split: str, model, train_cfg, seed: int, old: str = "old",
@@ -61,7 +61,7 @@ def transformation_stage(name: str, *, data, split: str, model, train_cfg, seed:
   return ml_collections.ConfigDict({
       "name": name, "kind": "transformation", "seed": seed, "data": data, "split": split, "model": model,
       "old": old, "new": new, "side_info": {"kind": side_info_kind, "dim": side_info_dim}, "train": train_cfg,
-      "augment": augment, "bn_eval_after": bn_eval_after})
+      "augment": augment, "bn_eval_after": bn_eval_after, "prng_impl": "rbg"})
 
 
 def evaluation_stage(name: str, *, data, split: str, old: str = "old", new: str = "new",
