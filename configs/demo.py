@@ -35,7 +35,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   else:
     data = ml_collections.ConfigDict({"name": "shapes", "num_old_train": 6000, "num_new_train": 10000,
                                       "num_eval": 2000, "image_size": 32, "num_old_shapes": 3, "seed": 0})
-    model = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 32, "widths": (16, 32, 64)})
+    model = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 32, "widths": (16, 32, 64),
+                                       "stem_stride": 2})
     h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 256})
     tr = None
     bb_epochs, h_epochs = 8, 8

@@ -17,6 +17,7 @@ class SmallCNN(nn.Module):
     num_classes: classifier width; 0 disables the classifier (``logits`` absent).
     embedding_dim: width of the embedding.
     widths: channels per stage; each stage halves the resolution except the first.
+    stem_stride: stride of the first stage (2 quarters the compute on 32×32 demo images).
     last_nonlin: ReLU after the embedding projection (ml-fct's ``last_nonlin``).
     norm_feature: L2-normalise the embedding before the classifier.
     dtype: compute dtype (parameters stay float32).
@@ -24,6 +25,7 @@ class SmallCNN(nn.Module):
   num_classes: int
   embedding_dim: int = 32
   widths: Sequence[int] = (16, 32, 64)
+  stem_stride: int = 1
   last_nonlin: bool = True
   norm_feature: bool = False
   dtype: Any = jnp.float32
@@ -35,7 +37,8 @@ class SmallCNN(nn.Module):
     x = x.astype(self.dtype)
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=name)
     for i, w in enumerate(self.widths):
-      x = nn.Conv(w, (3, 3), strides=1 if i == 0 else 2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+      stride = self.stem_stride if i == 0 else 2
+      x = nn.Conv(w, (3, 3), strides=stride, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
       x = nn.relu(bn(f"bn{i}")(x))
       out[f"stage{i}"] = x
     # ml-fct builds the embedding into the last conv block, then ReLU, then global average pooling.

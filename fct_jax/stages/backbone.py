@@ -8,7 +8,7 @@ only. Periodic evaluation reports retrieval CMC top-1 and mAP of the current emb
 import jax
 import jax.numpy as jnp
 
-from fct_jax import checkpoint, losses, train_lib
+from fct_jax import checkpoint, losses, retrieval, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common
@@ -34,7 +34,6 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
       variables = {"params": state["params"], **state["model_state"]}
       emb = common.embed(model, variables, eval_source, batch_size=common.eval_batch_size(cfg, mesh), mesh=mesh)
       common.check_finite_embeddings(emb, f"stage {cfg.name!r} embeddings")
-      from fct_jax import retrieval  # pylint: disable=g-import-not-at-top
       r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
       return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}
 

@@ -13,14 +13,13 @@ import numpy as np
 
 from fct_jax import checkpoint
 from fct_jax.data import sources
-
+from fct_jax.retrieval import cases as cases_lib
 from fct_jax.stages import common, transformation
 
 DEFAULT_CASES = (("old", "old"), ("new", "old"), ("new", "new"), ("h", "h"), ("new", "h"))
 
 
 def run(cfg, stage_dir: str, ctx: common.Context):
-  from fct_jax.retrieval import cases as cases_lib  # pylint: disable=g-import-not-at-top
   source, _ = sources.get_source(cfg.data, cfg.split)
   labels = common.source_labels(source)
   bs = common.eval_batch_size(cfg, ctx.mesh)

@@ -1,0 +1,93 @@
+"""The paper's query/gallery case table (Tables 1–6): rows such as old/old, new/old, new/new, h/h, new/h.
+
+A row ``"q/g"`` ranks the evaluation set embedded by model ``q`` (queries) against the same set embedded by model
+``g`` (gallery), with each query's own item removed (the paper's set-up: the validation set is both query and
+gallery). ``h`` is the transformed old gallery h(φ_old, ψ); extra rows (``bct/old``, ``bct/bct``, ...) are any
+names present in ``embeddings``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Mapping, Sequence
+
+from fct_jax.retrieval import metrics
+
+# Query model / gallery model. Names are stable: reports and configs refer to them.
+DEFAULT_CASES: tuple[tuple[str, str], ...] = (("old", "old"), ("new", "old"), ("new", "new"), ("h", "h"),
+                                              ("new", "h"))
+
+
+def case_name(query_model: str, gallery_model: str) -> str:
+  return f"{query_model}/{gallery_model}"
+
+
+def evaluate_cases(embeddings: Mapping[str, object], labels, cases: Sequence[tuple[str, str]] | None = None, *,
+                   ks: Sequence[int] = (1, 5), mesh=None, **evaluate_kwargs) -> dict[str, dict[str, float]]:
+  """Evaluates each (query model, gallery model) case on one evaluation set.
+
+  Args:
+    embeddings: model name -> (N, d_model) embeddings of the same N images, in the same order (numpy or jax).
+      Query and gallery models of one case must share d.
+    labels: (N,) labels of those images.
+    cases: (query model, gallery model) pairs. None: those of `DEFAULT_CASES` whose models are all present
+      (at least one must be).
+    ks: CMC cut-offs.
+    mesh: optional jax Mesh with a ``data`` axis (see `metrics.evaluate`).
+    **evaluate_kwargs: passed to `metrics.evaluate` (query_block, gallery_chunk, count_method).
+
+  Returns:
+    ``{"q/g": {"cmc_top1": ..., "cmc_top5": ..., "mAP": ..., "num_queries": ..., "num_skipped": ...}}`` in the
+    order of ``cases``.
+
+  Raises:
+    ValueError: a case names a model missing from ``embeddings`` (the message lists the available ones), or no
+      default case is computable.
+  """
+  if cases is None:
+    cases = [c for c in DEFAULT_CASES if c[0] in embeddings and c[1] in embeddings]
+    if not cases:
+      raise ValueError(f"no default case computable from models {sorted(embeddings)}; need some of "
+                       f"{sorted({m for c in DEFAULT_CASES for m in c})}")
+  results = {}
+  for case in cases:
+    if len(case) != 2:
+      raise ValueError(f"a case is a (query model, gallery model) pair, got {case!r}")
+    for name in case:
+      if name not in embeddings:
+        raise ValueError(f"case {case_name(*case)!r} needs model {name!r}; available: {sorted(embeddings)}")
+    q, g = embeddings[case[0]], embeddings[case[1]]
+    results[case_name(*case)] = metrics.evaluate(q, g, labels, labels, query_is_gallery=True, ks=ks, mesh=mesh,
+                                                 **evaluate_kwargs)
+  return results
+
+
+def _fmt(x: float) -> str:
+  return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}"
+
+
+def format_markdown_table(results: Mapping[str, Mapping[str, float]], title: str = "Case") -> str:
+  """Renders `evaluate_cases` output as a Markdown table, one row per case, columns in the paper's order."""
+  if not results:
+    return ""
+  first = next(iter(results.values()))
+  ks = sorted(int(k[len("cmc_top"):]) for k in first if k.startswith("cmc_top"))
+  head = [title] + [f"CMC top-{k} (%)" for k in ks] + ["mAP@1.0 (%)", "queries", "skipped"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+  for name, r in results.items():
+    row = [name] + [_fmt(r.get(f"cmc_top{k}")) for k in ks] + [_fmt(r.get("mAP")), str(r.get("num_queries", "")),
+                                                                 str(r.get("num_skipped", ""))]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def to_jsonable(results: Mapping[str, Mapping[str, float]]) -> dict:
+  """Plain dict with NaN replaced by None (strict JSON has no NaN)."""
+  def clean(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+  return {name: {k: clean(v) for k, v in r.items()} for name, r in results.items()}
+
+
+def to_json(results: Mapping[str, Mapping[str, float]], **json_kwargs) -> str:
+  return json.dumps(to_jsonable(results), **json_kwargs)

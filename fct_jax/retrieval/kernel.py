@@ -1,0 +1,335 @@
+"""Exact blocked L2 retrieval kernel: per-query rank statistics without the N×N matrix or a row sort.
+
+For every query the kernel returns three numbers, from which CMC top-k and mAP follow exactly
+(`fct_jax.retrieval.metrics`):
+
+* ``num_pos``: how many gallery items share the query's label (the query's own item excluded);
+* ``first_rank``: the 0-based rank of the best positive;
+* ``ap``: the average precision over the *full* ranking (mAP@R=1.0).
+
+How (per block of B queries, per gallery chunk of C items, memory O(B × C), never N×N):
+
+1. Scores ``s[b, n] = |g_n|² − 2 q_b·g_n`` by one matmul. Ranking by ``s`` equals ranking by the squared L2 distance
+   (``|q_b|²`` is constant along a row; leaving it out also avoids one rounding). The query's own item (index i when
+   ``query_is_gallery``) and padding get ``+inf``, so they never count.
+2. The scores of the query's positives, gathered from that same ``s`` (so a positive compares equal to itself
+   bitwise): the thresholds ``t[b, j]``. Positives come from a host-built class table (gallery indices per class).
+3. Counting instead of sorting. AP needs, for each positive j, only ``rank_le(j) = #{n : s_n ≤ t_j}`` and
+   ``pos_le(j) = #{positives k : t_k ≤ t_j}``: ``AP = (1/P) Σ_j pos_le(j) / rank_le(j)``. ``rank_le`` is counted
+   in one pass over the row; ``pos_le`` is a P×P comparison.
+
+Tie rule (deterministic, documented; ties are between *computed* float32 scores):
+
+* mAP: tied items form one group that is counted at its end, i.e. exactly scikit-learn's
+  ``average_precision_score(y_true, -distance)`` (which groups equal scores into one threshold). The reference,
+  ml-fct, calls that same function, so its ties are handled identically; no gallery order enters.
+* CMC: ties are broken by gallery index, lower index first — the order of a stable argsort and of ``lax.top_k``.
+  ``first_rank = #{n : s_n < t*} + #{n : s_n = t*, n < j*}`` where t* is the best positive score and j* the lowest
+  gallery index among the positives scoring t*.
+  # ml-fct: np.argsort (quicksort, unstable) leaves the order of tied items unspecified; ours is fixed.
+
+Counting methods (identical integer results, tested against each other):
+
+* ``"histogram"`` (default on CPU): each score gets a bucket = the number of thresholds below it (P+1 elementwise
+  compares, vectorised), then one scatter-add histogram per row; ``rank_le(j)`` is the cumulative histogram at
+  ``#{k : t_k < t_j}``. XLA's CPU row reductions are slow (no vectorisation across P outputs); this is ~30× faster.
+* ``"reduce"`` (default on GPU/TPU): one variadic reduction with P+1 outputs, reading each score once; scatter-adds
+  into a few hot bins serialise on GPUs.
+
+Sharding: the gallery is sharded over the mesh's ``data`` axis (so a gallery larger than one device works), queries
+are replicated, and thresholds (``pmin``) and counts (``psum``) are combined across devices. All combined quantities
+are exact (a min of values, sums of integers), so results equal the one-device results whenever the per-shard matmul
+rounds each score the same way (always for integer-valued data; in practice for float data).
+
+Galleries larger than one device's memory per block are processed in chunks with two passes (thresholds, then
+counts); the matmul is recomputed in the second pass rather than stored, and being the same compiled op on the same
+shapes it reproduces the scores bitwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+COUNT_METHODS = ("auto", "histogram", "reduce")
+# Above this many thresholds the bucket loop is rolled (lax.fori_loop) to bound compile time.
+_UNROLL_MAX = 128
+
+
+class RankStats(NamedTuple):
+  """Per-query rank statistics (host numpy arrays, length M = number of queries).
+
+  Attributes:
+    num_pos: (M,) int32, number of positives in the gallery (own item excluded). 0 means "skipped".
+    first_rank: (M,) int32, 0-based rank of the best positive under the index tie-break (undefined if num_pos == 0).
+    ap: (M,) float32, average precision over the full ranking (0 if num_pos == 0).
+  """
+  num_pos: np.ndarray
+  first_rank: np.ndarray
+  ap: np.ndarray
+
+
+def default_mesh() -> Mesh:
+  """A 1-D mesh over all devices (all processes) with the axis name ``data``."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _to_host(x) -> np.ndarray:
+  """numpy copy of x; a jax.Array spread over several processes is gathered first (multi-host)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _class_table(query_labels: np.ndarray, gallery_labels: np.ndarray):
+  """Maps labels to class ids and lists the gallery indices of each class.
+
+  Returns:
+    q_cls: (M,) int32 class id per query; queries whose class has no gallery item get the empty row C.
+    table: (C + 1, P) int32 gallery indices per class in increasing order, padded with N (the sentinel); the last
+      row is all sentinel. P = the largest gallery class among the query classes (at least 1).
+  """
+  n = gallery_labels.shape[0]
+  classes, g_cls = np.unique(gallery_labels, return_inverse=True)
+  g_cls = g_cls.reshape(-1)
+  num_classes = classes.shape[0]
+  pos = np.searchsorted(classes, query_labels)
+  pos_c = np.minimum(pos, num_classes - 1)
+  found = classes[pos_c] == query_labels
+  q_cls = np.where(found, pos_c, num_classes).astype(np.int32)
+  counts = np.bincount(g_cls, minlength=num_classes)
+  used = np.unique(q_cls[found])
+  p = max(1, int(counts[used].max()) if used.size else 1)
+  order = np.argsort(g_cls, kind="stable")  # within a class: increasing gallery index
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  table = np.full((num_classes + 1, p), n, dtype=np.int32)
+  slot = np.arange(n) - starts[g_cls[order]]
+  keep = slot < p  # classes no query asks for may be larger than P; they are never looked up
+  table[g_cls[order][keep], slot[keep]] = order[keep]
+  return q_cls, table
+
+
+def _bucket(s, thr):
+  """(B, C) int32 number of thresholds strictly below each score; thr: (B, K)."""
+  k = thr.shape[1]
+  if k <= _UNROLL_MAX:
+    # Unrolled: one fused, vectorised elementwise pass with K compares per score.
+    c = jnp.zeros(s.shape, jnp.int32)
+    for j in range(k):
+      c = c + (thr[:, j:j + 1] < s).astype(jnp.int32)
+    return c
+  return lax.fori_loop(0, k, lambda j, c: c + (lax.dynamic_slice_in_dim(thr, j, 1, 1) < s).astype(jnp.int32),
+                       jnp.zeros(s.shape, jnp.int32))
+
+
+def _count_histogram(s, gidx, t, t_star, j_star):
+  """Histogram counting. Returns (B, P+3) int32 per-row histogram of the bins described in `_build`."""
+  b, p = t.shape
+  # Bin of a score: #{thresholds < s} + [s ≥ t*], in [0, P+1]. The extra term splits "s < t*" (bin 0, what CMC
+  # needs) from "s = t*" (bin 1). Not nextafter(t*, -inf) as a threshold: XLA:CPU flushes denormals, and
+  # nextafter(0) would become 0.
+  c = _bucket(s, t) + (s >= t_star[:, None]).astype(jnp.int32)
+  # Scores tied with the best positive but earlier in the gallery go to a separate bin: they rank before it (CMC
+  # tie rule) and sit at or below every threshold (for rank_le).
+  tie_before = (s == t_star[:, None]) & (gidx[None, :] < j_star[:, None])
+  special = p + 2
+  c = jnp.where(tie_before, special, c)
+  # A flat 1-D scatter-add is ~2x faster on XLA:CPU than a 2-D one.
+  flat = c + (jnp.arange(b, dtype=jnp.int32) * (p + 3))[:, None]
+  hist = jnp.zeros((b * (p + 3),), jnp.int32).at[flat.reshape(-1)].add(1).reshape(b, p + 3)
+  return hist
+
+
+def _count_reduce(s, gidx, t, t_star, j_star):
+  """Variadic-reduction counting. Returns (B, P+1) int32: rank_le for each threshold, then first_rank."""
+  p = t.shape[1]
+  ops = [(s <= t[:, j:j + 1]).astype(jnp.int32) for j in range(p)]
+  ops.append(((s < t_star[:, None]) | ((s == t_star[:, None]) & (gidx[None, :] < j_star[:, None]))).astype(jnp.int32))
+  zeros = tuple(jnp.int32(0) for _ in ops)
+  out = lax.reduce(tuple(ops), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
+  return jnp.stack(out, axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p: int, self_exclude: bool,
+           method: str):
+  """A jitted function (q, q_cls, q_idx, g, g_sq, table) -> (num_pos, first_rank, ap), cached per static config."""
+  n_chunks = n_local // chunk
+  inf = jnp.float32(jnp.inf)
+  count_fn = _count_histogram if method == "histogram" else _count_reduce
+
+  def scores(q, q_idx, g, g_sq, gidx):
+    # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours.
+    s = g_sq[None, :] - 2.0 * jnp.dot(q, g.T, precision=lax.Precision.HIGHEST)
+    bad = gidx[None, :] >= n_total  # gallery padding
+    if self_exclude:
+      bad = bad | (gidx[None, :] == q_idx[:, None])
+    return jnp.where(bad, inf, s)
+
+  def per_device(q, q_cls, q_idx, g, g_sq, table):
+    offset = lax.axis_index("data") * n_local
+    g = g.reshape(n_chunks, chunk, -1)
+    g_sq = g_sq.reshape(n_chunks, chunk)
+    gidx_all = (offset + jnp.arange(n_local, dtype=jnp.int32)).reshape(n_chunks, chunk)
+
+    def one_block(args):
+      qb, qc, qi = args
+      pos = table[qc]  # (B, P) global gallery indices, n_total = padding
+      valid = pos < n_total
+      if self_exclude:
+        valid = valid & (pos != qi[:, None])
+
+      def thresholds_of(c, s):
+        local = pos - (offset + c * chunk)
+        inside = valid & (local >= 0) & (local < chunk)
+        got = jnp.take_along_axis(s, jnp.clip(local, 0, chunk - 1), axis=1)
+        return jnp.where(inside, got, inf)
+
+      if n_chunks == 1:
+        s0 = scores(qb, qi, g[0], g_sq[0], gidx_all[0])
+        t = thresholds_of(0, s0)
+      else:
+        def pass1(t, c):
+          s = scores(qb, qi, g[c], g_sq[c], gidx_all[c])
+          return jnp.minimum(t, thresholds_of(c, s)), None
+        t, _ = lax.scan(pass1, jnp.full(pos.shape, inf), jnp.arange(n_chunks))
+      # Each positive lives on exactly one device; elsewhere it is +inf, so a min recovers it exactly.
+      t = lax.pmin(t, "data")
+      t = jnp.where(valid, t, inf)
+      num_pos = valid.sum(axis=1, dtype=jnp.int32)
+      t_star = t.min(axis=1)
+      j_star = jnp.where(valid & (t == t_star[:, None]), pos, jnp.int32(n_total)).min(axis=1)
+
+      def count(c, s):
+        return count_fn(s, gidx_all[c], t, t_star, j_star)
+
+      if n_chunks == 1:
+        acc = count(0, s0)
+      else:
+        def pass2(acc, c):
+          s = scores(qb, qi, g[c], g_sq[c], gidx_all[c])
+          return acc + count(c, s), None
+        shape = (block, p + 3) if method == "histogram" else (block, p + 1)
+        acc, _ = lax.scan(pass2, jnp.zeros(shape, jnp.int32), jnp.arange(n_chunks))
+      acc = lax.psum(acc, "data")
+
+      if method == "histogram":
+        special = acc[:, p + 2]
+        first_rank = acc[:, 0] + special  # bin 0: scores < t*
+        # With lt[j] = #{thresholds < t_j}: s ≤ t_j ⟺ bin(s) ≤ lt[j] + 1 (for valid j, t_j ≥ t*). Invalid
+        # thresholds are +inf and never below anything.
+        lt = (t[:, None, :] < t[:, :, None]).sum(axis=2, dtype=jnp.int32)
+        cum = jnp.cumsum(acc[:, :p + 2], axis=1)
+        rank_le = jnp.take_along_axis(cum, jnp.clip(lt + 1, 0, p + 1), axis=1) + special[:, None]
+      else:
+        rank_le, first_rank = acc[:, :p], acc[:, p]
+      pos_le = (valid[:, None, :] & (t[:, None, :] <= t[:, :, None])).sum(axis=2, dtype=jnp.int32)
+      terms = jnp.where(valid, pos_le.astype(jnp.float32) / jnp.maximum(rank_le, 1).astype(jnp.float32), 0.0)
+      ap = terms.sum(axis=1) / jnp.maximum(num_pos, 1).astype(jnp.float32)
+      return num_pos, first_rank, ap
+
+    return lax.map(one_block, (q, q_cls, q_idx))
+
+  shard_map = getattr(jax, "shard_map", None)
+  if shard_map is None:  # older jax
+    from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+    kw = dict(check_rep=False)
+  else:
+    kw = dict(check_vma=False)
+  fn = shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data"), P()),
+                 out_specs=(P(), P(), P()), **kw)
+  return jax.jit(fn)
+
+
+def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_gallery: bool = False,
+               mesh: Mesh | None = None, query_block: int | None = None, gallery_chunk: int | None = None,
+               max_block_bytes: int = 1 << 28, count_method: str = "auto") -> RankStats:
+  """Exact per-query rank statistics for L2 retrieval (inputs assumed validated; see `metrics.evaluate`).
+
+  Args:
+    queries: (M, d) float array (numpy or jax).
+    gallery: (N, d) float array; may come from a different model than the queries.
+    query_labels: (M,) labels (any numpy-comparable dtype).
+    gallery_labels: (N,) labels.
+    query_is_gallery: the i-th query is gallery item i; it is excluded from its own ranking (M must equal N).
+    mesh: a Mesh with a ``data`` axis to shard the gallery over; default: all devices.
+    query_block: queries per block (B); default 256 on CPU (cache-sized), on accelerators the power of two
+      (256 to 4096) whose B × shard scores fill about ``max_block_bytes`` (fewer, larger steps).
+    gallery_chunk: gallery items per chunk on one device (C); default: the whole shard if B×C×4 bytes fits
+      ``max_block_bytes``, else the largest chunk that does (then two passes).
+    max_block_bytes: memory budget of one B×C score block.
+    count_method: "histogram", "reduce" or "auto" (histogram on CPU, reduce elsewhere). "reduce" falls back to
+      "histogram" for classes larger than 128 (its unrolled reduction would compile slowly).
+
+  Returns:
+    RankStats of numpy arrays, length M.
+  """
+  if count_method not in COUNT_METHODS:
+    raise ValueError(f"count_method must be one of {COUNT_METHODS}, got {count_method!r}")
+  mesh = mesh or default_mesh()
+  if "data" not in mesh.axis_names:
+    raise ValueError(f"mesh needs a 'data' axis, has {mesh.axis_names}")
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  if count_method == "auto":
+    count_method = "histogram" if on_cpu else "reduce"
+  q = _to_host(queries).astype(np.float32, copy=False)
+  g = _to_host(gallery).astype(np.float32, copy=False)
+  ql, gl = _to_host(query_labels).reshape(-1), _to_host(gallery_labels).reshape(-1)
+  m, d = q.shape
+  n = g.shape[0]
+  q_cls, table = _class_table(ql, gl)
+  p = table.shape[1]
+  if count_method == "reduce" and p > _UNROLL_MAX:
+    count_method = "histogram"
+
+  n_dev = mesh.shape["data"]
+  per_dev = -(-n // n_dev)
+  if query_block is None:
+    query_block = 256
+    if not on_cpu:
+      fit = max_block_bytes // (4 * max(per_dev, 1))
+      query_block = int(min(4096, max(256, 2 ** int(np.log2(max(fit, 1))))))
+  block = max(1, min(query_block, m))
+  if gallery_chunk is None:
+    gallery_chunk = max(256, max_block_bytes // (4 * block))
+  chunk = min(_round_up(per_dev, 8), _round_up(gallery_chunk, 8))
+  n_local = _round_up(per_dev, chunk)
+  n_pad = n_local * n_dev
+  m_pad = _round_up(m, block)
+
+  g_p = np.zeros((n_pad, d), np.float32)
+  g_p[:n] = g
+  g_sq = np.einsum("nd,nd->n", g_p, g_p, dtype=np.float32)
+  q_p = np.zeros((m_pad, d), np.float32)
+  q_p[:m] = q
+  q_cls_p = np.full((m_pad,), table.shape[0] - 1, np.int32)  # padding queries: the empty class row
+  q_cls_p[:m] = q_cls
+  q_idx = np.full((m_pad,), -1, np.int32)
+  q_idx[:m] = np.arange(m)
+  nb = m_pad // block
+
+  fn = _build(mesh, n_total=n, n_local=n_local, chunk=chunk, block=block, p=p, self_exclude=query_is_gallery,
+              method=count_method)
+  rep = NamedSharding(mesh, P())
+  shard = NamedSharding(mesh, P("data"))
+
+  def put(x, sharding):
+    # make_array_from_callback works the same on one host and on many (every process holds the full numpy array).
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  out = fn(put(q_p.reshape(nb, block, d), rep), put(q_cls_p.reshape(nb, block), rep),
+           put(q_idx.reshape(nb, block), rep), put(g_p, shard), put(g_sq, shard), put(table, rep))
+  num_pos, first_rank, ap = (np.asarray(o).reshape(-1)[:m] for o in out)
+  return RankStats(num_pos=num_pos, first_rank=first_rank, ap=ap)
