@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fct_jax.errors import FCTError
@@ -49,12 +50,22 @@ def save_model(stage_dir: str, variables: Any):
 
 
 def load_model(stage_dir: str) -> Any:
-  """Reads ``stage_dir/model`` as a pytree of numpy/jax arrays (host memory, no target needed)."""
+  """Reads ``stage_dir/model`` as a pytree of numpy arrays in host memory.
+
+  Restored as numpy whatever mesh saved it (a model trained on 2 hosts × 4 devices loads on one CPU), and the
+  caller places it on its own mesh.
+  """
   path = os.path.abspath(os.path.join(stage_dir, "model"))
   if not os.path.isdir(path):
     raise FCTError(f"no saved model in {stage_dir} (stage not finished?)")
   try:
-    return ocp.StandardCheckpointer().restore(path)
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                                is_leaf=lambda x: hasattr(x, "shape"))
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:
     raise FCTError(f"cannot read model in {path}: {type(e).__name__}") from e
 

@@ -14,10 +14,9 @@ import json
 import os
 from typing import Optional
 
-import jax
 import ml_collections
 
-from fct_jax import checkpoint
+from fct_jax import checkpoint, sharding
 from fct_jax.errors import FCTError
 from fct_jax.stages import STAGE_KINDS
 from fct_jax.stages.common import Context
@@ -106,8 +105,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
   _check_experiment(config, workdir)
   for name, scfg in todo:
     _check_stage_config(name, scfg, os.path.join(workdir, name))
+  sharding.barrier("fct_experiment_checked")  # every process checks before any process writes
   os.makedirs(workdir, exist_ok=True)
   checkpoint.write_json(os.path.join(workdir, "experiment.json"), {"experiment": config.experiment})
+  sharding.barrier("fct_experiment_start")
 
   ctx = Context(workdir=workdir, mesh=mesh, stop_at_step=stop_at_step)
   ran = []
@@ -118,12 +119,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
       continue
     os.makedirs(stage_dir, exist_ok=True)
     checkpoint.write_json(os.path.join(stage_dir, "config.json"), scfg.to_dict())
+    sharding.barrier(f"fct_{name}_start")
     print(f"[{name}] running stage kind {scfg.kind!r} in {stage_dir}", flush=True)
     finished = STAGE_KINDS[scfg.kind](scfg, stage_dir, ctx)
-    jax.effects_barrier()
     if not finished:
       print(f"[{name}] stopped before the end; rerun the same command to resume", flush=True)
       return ran
     checkpoint.mark_done(stage_dir)
+    sharding.barrier(f"fct_{name}_done")
     ran.append(name)
   return ran

@@ -9,6 +9,7 @@ workdir and prints the table.
 
 import os
 
+import jax
 import numpy as np
 
 from fct_jax import checkpoint
@@ -36,9 +37,10 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   results = cases_lib.evaluate_cases(emb, labels, [tuple(c) for c in DEFAULT_CASES])
   table = cases_lib.format_markdown_table(results)
   payload = {"cases": results, "num_eval": int(len(labels)), "side_info": "none"}
-  for d in (stage_dir, ctx.workdir):
-    checkpoint.write_json(os.path.join(d, "results.json"), payload)
-    with open(os.path.join(d, "results.md"), "w") as f:
-      f.write(table + "\n")
-  print(table, flush=True)
+  if jax.process_index() == 0:
+    for d in (stage_dir, ctx.workdir):
+      checkpoint.write_json(os.path.join(d, "results.json"), payload)
+      with open(os.path.join(d, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table, flush=True)
   return True
