@@ -7,3 +7,7 @@ class FCTError(Exception):
 
 class NonFiniteError(FCTError):
   """A loss or metric became NaN/Inf; training stops before anything is checkpointed."""
+
+
+class Preempted(Exception):
+  """Training was asked to stop (SIGTERM / preemption notice); a checkpoint of the current step was written."""

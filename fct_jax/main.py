@@ -5,7 +5,8 @@ r"""Command-line entry point.
 
 ``--config`` takes a Python config file and an optional argument after ``:`` (``stage=NAME``, ``runlocal``;
 comma-separated). Any config field can be overridden with ``--config.FIELD=VALUE``. Errors in the user's input
-are printed as one line and exit with status 2.
+are printed as one line and exit with status 2. On SIGTERM (preemption) the running stage checkpoints at the next
+step boundary and the process exits with status 143; rerunning the same command resumes.
 """
 
 import re
@@ -13,6 +14,9 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# 128 + SIGTERM, what a shell reports for a job ended by SIGTERM: schedulers requeue on it.
+PREEMPTED_EXIT_CODE = 143
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (Python).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (created if missing).")
@@ -49,7 +53,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   # Imported here so that flag parsing errors come before the (slow) JAX import.
   from fct_jax import experiment, sharding  # pylint: disable=g-import-not-at-top
-  from fct_jax.errors import FCTError  # pylint: disable=g-import-not-at-top
+  from fct_jax.errors import FCTError, Preempted  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value
     config.to_dict()  # config_flags defers load failures to first use
@@ -64,6 +68,9 @@ def main(argv):
   except FCTError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

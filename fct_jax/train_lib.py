@@ -11,9 +11,12 @@ collections such as ``batch_stats``. Frozen models (old, new, side-info) live in
 the step as a separate, replicated, never-differentiated argument.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from typing import Any, Callable, Dict, Optional
@@ -24,7 +27,7 @@ import numpy as np
 
 from fct_jax import checkpoint, optim, sharding, writers
 from fct_jax.data import pipeline
-from fct_jax.errors import FCTError, NonFiniteError
+from fct_jax.errors import FCTError, NonFiniteError, Preempted
 
 # On CPU, XLA cannot reuse donated buffers; the warning is noise there.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -103,6 +106,40 @@ def _check_finite(metrics: Dict[str, float], step: int, name: str):
     v = bad[k]
     raise NonFiniteError(f"stage {name!r}: {k} is {v} at step {step}; stopped before checkpointing "
                          f"(lower the learning rate or check the input data)")
+
+
+class PreemptionWatcher:
+  """Notices a request to stop at the next step boundary.
+
+  One process: a SIGTERM handler sets a flag (installed only while training, from the main thread; the previous
+  handler is restored afterwards). Several processes: JAX's preemption service (started by
+  ``jax.distributed.initialize``) catches the signal and makes every host agree on the same step, which orbax's
+  ``reached_preemption`` reports — a per-host flag could stop hosts at different steps and deadlock collectives.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  @contextlib.contextmanager
+  def installed(self):
+    single = jax.process_count() == 1 and threading.current_thread() is threading.main_thread()
+    if single:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    try:
+      yield self
+    finally:
+      if single:
+        signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self, step: int, mngr) -> bool:
+    if jax.process_count() > 1:
+      return mngr.reached_preemption(step)
+    return self.requested
 
 
 def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Optional[int] = None):
@@ -209,20 +246,27 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
     print(f"{prefix}training steps {start}..{total} ({steps_per_epoch} steps/epoch, batch {tc.batch_size}, "
           f"{mesh.size} devices)", flush=True)
   data = batches(start) if start < end else iter(())
-  step = start
-  for step in range(start + 1, end + 1):
-    batch = next(data)
-    state, metrics = step_fn(state, frozen, batch)
-    acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-    acc_n += 1
-    last = step == end
-    if step % log_every == 0 or last:
-      flush_metrics(step)
-    if (ckpt_every and step % ckpt_every == 0) or last:
-      flush_metrics(step)  # never checkpoint a non-finite state
-      checkpoint.save_state(mngr, step, state, force=last)
-    if eval_every and step % eval_every == 0 and not last:
-      run_eval(step, state)
+  watcher = PreemptionWatcher()
+  with watcher.installed():
+    for step in range(start + 1, end + 1):
+      batch = next(data)
+      state, metrics = step_fn(state, frozen, batch)
+      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+      acc_n += 1
+      preempted = watcher.should_stop(step, mngr) and step < end
+      last = step == end or preempted
+      if step % log_every == 0 or last:
+        flush_metrics(step)
+      if (ckpt_every and step % ckpt_every == 0) or last:
+        flush_metrics(step)  # never checkpoint a non-finite state
+        checkpoint.save_state(mngr, step, state, force=last)
+      if preempted:
+        mngr.wait_until_finished()
+        writer.close()
+        raise Preempted(f"stage {task.name!r} stopped at step {step}/{total} on request; checkpoint saved, "
+                        "rerun the same command to resume")
+      if eval_every and step % eval_every == 0 and not last:
+        run_eval(step, state)
   mngr.wait_until_finished()
   if end == total:
     run_eval(total, state)

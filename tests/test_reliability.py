@@ -1,0 +1,118 @@
+"""Preemption and crash safety: SIGTERM checkpoints and exits 143; SIGKILL loses only work since the last
+checkpoint; a resumed run ends bit-identical to an uninterrupted one."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from fct_jax import checkpoint, experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+
+
+def _overrides(stage, ckpt_every):
+  prefix = "--config." if stage else "--config.stages.old."
+  return [f"{prefix}train.steps={STEPS}", f"{prefix}train.log_every_steps=1",
+          f"{prefix}train.checkpoint_every_steps={ckpt_every}"]
+
+
+def _cfg(ckpt_every):
+  cfg = demo.get_config("stage=old,runlocal")
+  cfg.train.steps, cfg.train.log_every_steps, cfg.train.checkpoint_every_steps = STEPS, 1, ckpt_every
+  return cfg
+
+
+def _start(workdir, ckpt_every):
+  # Same device count as this test process (conftest: 8), so compiled programs and results are identical.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-u", "-m", "fct_jax.main", "--config=configs/demo.py:stage=old,runlocal",
+          f"--workdir={workdir}", *_overrides(True, ckpt_every)]
+  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, step):
+  """Reads progress lines until the run reports ``step`` (or ends)."""
+  for line in proc.stdout:
+    if line.startswith("[old] ") and "/" in line and " steps |" in line:
+      if int(line.split()[1].split("/")[0]) >= step:
+        return True
+  return False
+
+
+def _params(wd):
+  return jax.tree.map(np.asarray, checkpoint.load_model(os.path.join(wd, "old")))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("ref"))
+  experiment.run(_cfg(ckpt_every=1), wd)
+  return _params(wd)
+
+
+def _finish_and_compare(wd, ckpt_every, reference):
+  proc = _start(wd, ckpt_every)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "resumed from step" in out
+  jax.tree.map(np.testing.assert_array_equal, _params(wd), reference)
+
+
+def test_sigterm_checkpoints_and_resumes_bit_exact(tmp_path, reference):
+  wd = str(tmp_path)
+  proc = _start(wd, ckpt_every=0)  # no periodic checkpoints: only the SIGTERM one
+  assert _wait_for_step(proc, 3)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert "preempted: stage 'old' stopped at step" in err
+  steps = [int(d) for d in os.listdir(os.path.join(wd, "old", "checkpoints")) if d.isdigit()]
+  assert len(steps) == 1 and 3 <= steps[0] < STEPS
+  assert not checkpoint.is_done(os.path.join(wd, "old"))
+  _finish_and_compare(wd, 0, reference)
+
+
+def test_sigkill_loses_only_uncheckpointed_work(tmp_path, reference):
+  wd = str(tmp_path)
+  kill_at = random.Random(os.getpid()).randint(2, STEPS - 5)
+  proc = _start(wd, ckpt_every=1)
+  assert _wait_for_step(proc, kill_at)
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not checkpoint.is_done(os.path.join(wd, "old"))
+  _finish_and_compare(wd, 1, reference)
+
+
+def test_leftover_temporary_checkpoint_is_ignored(tmp_path, reference):
+  # A crash in the middle of a save leaves orbax's temporary directory behind; it must never be restored.
+  wd = str(tmp_path)
+  experiment.run(_cfg(ckpt_every=1), wd, stop_at_step=4)
+  ckpt = os.path.join(wd, "old", "checkpoints")
+  os.makedirs(os.path.join(ckpt, "9.orbax-checkpoint-tmp-123", "default"))
+  with open(os.path.join(ckpt, "9.orbax-checkpoint-tmp-123", "default", "garbage"), "w") as f:
+    f.write("half written")
+  experiment.run(_cfg(ckpt_every=1), wd)
+  jax.tree.map(np.testing.assert_array_equal, _params(wd), reference)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+  wd = str(tmp_path)
+  experiment.run(_cfg(ckpt_every=1), wd, stop_at_step=2)
+  d = os.path.join(wd, "old", "checkpoints", "2", "default")
+  for root, _, files in os.walk(d):
+    for f in files:
+      if f.endswith(".ocdbt") or "manifest" in f or f.startswith("d"):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"\0garbage")
+  from fct_jax.errors import FCTError
+  with pytest.raises(FCTError, match="cannot restore checkpoint step 2"):
+    experiment.run(_cfg(ckpt_every=1), wd)
