@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=2.0",
     "matplotlib>=3.9",
+    "pillow>=10",
 ]
 
 EXTRAS = {
@@ -32,6 +33,10 @@ EXTRAS = {
     "tf": ["tensorflow>=2.16"],
     # Peers measured side by side in benchmarks/.
     "bench": ["faiss-cpu>=1.8", "scikit-learn>=1.5"],
+    # The small real-image config on scikit-learn's bundled digits.
+    "digits": ["scikit-learn>=1.5"],
+    # Workdirs on Google Cloud Storage (gs://...) without TensorFlow.
+    "gcs": ["gcsfs"],
 }
 
 setup(

@@ -54,21 +54,58 @@ def backbone_stage(name: str, *, data, split: str, model, train_cfg, seed: int, 
       "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
 
+def side_info_stage(name: str, *, method: str = "simclr", data, split: str, model, train_cfg, seed: int,
+                    projection_hidden_dim: int = 2048, projection_dim: int = 128, projection_layers: int = 2,
+                    temperature: float = 0.1, views=None, label_smoothing: float = 0.1, mixup_alpha: float = 0.2,
+                    augment: str = "none", eval_split: str = "", eval_batch_size: int = 256):
+  """ψ: the side-information model, trained on ``split`` (images only, except for the alternate old models).
+
+  ``method``: simclr | autoencoder | alt_old | alt_old_mixup (see ``fct_jax/stages/side_info.py``). The width of
+  ψ is ``model.embedding_dim``. ``simclr`` uses the ``simclr`` block (projection head, temperature, two-view
+  augmentation ``views``: keyword arguments of ``augment.simclr_view``); the others use ``augment`` (a train
+  transform), ``loss.label_smoothing`` and ``mixup.alpha``.
+  """
+  v = {"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5, "jitter_prob": 0.8,
+       "grayscale_prob": 0.2, "blur_prob": 0.0}
+  v.update(views or {})
+  return ml_collections.ConfigDict({
+      "name": name, "kind": "side_info", "method": method, "seed": seed, "data": data, "split": split,
+      "model": model, "train": train_cfg,
+      "simclr": {"projection": {"hidden_dim": projection_hidden_dim, "out_dim": projection_dim,
+                                "num_layers": projection_layers},
+                 "temperature": temperature, "augment": "simclr", "views": v},
+      "loss": {"label_smoothing": label_smoothing}, "mixup": {"alpha": mixup_alpha}, "augment": augment,
+      "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
+
+
 def transformation_stage(name: str, *, data, split: str, model, train_cfg, seed: int, old: str = "old",
                          new: str = "new", side_info_kind: str = "none", side_info_dim: int = 0,
-                         augment: str = "none", bn_eval_after: float = 0.5):
-  """h(φ_old, ψ) ≈ φ_new with the L2 loss; ``old``/``new`` name the upstream stages."""
+                         side_info_stage: str = "", augment: str = "none", bn_eval_after: float = 0.5,
+                         cache_features: bool = False, eval_batch_size: int = 256):
+  """h(φ_old, ψ) ≈ φ_new with the L2 loss; ``old``/``new`` name the upstream stages.
+
+  Side-information: ``side_info_kind="none"`` feeds zeros of width ``side_info_dim`` (0: no side branch);
+  otherwise ``side_info_stage`` names the side_info stage to load, whose method must equal the kind and whose ψ
+  width must equal ``side_info_dim``. ``cache_features`` (needs ``augment="none"``) computes the frozen models'
+  features once instead of every step; ``eval_batch_size`` is that pass's batch.
+  """
   return ml_collections.ConfigDict({
       "name": name, "kind": "transformation", "seed": seed, "data": data, "split": split, "model": model,
-      "old": old, "new": new, "side_info": {"kind": side_info_kind, "dim": side_info_dim}, "train": train_cfg,
-      "augment": augment, "bn_eval_after": bn_eval_after, "prng_impl": "rbg"})
+      "old": old, "new": new,
+      "side_info": {"kind": side_info_kind, "dim": side_info_dim, "stage": side_info_stage},
+      "train": train_cfg, "augment": augment, "bn_eval_after": bn_eval_after, "cache_features": cache_features,
+      "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
 
 def evaluation_stage(name: str, *, data, split: str, old: str = "old", new: str = "new",
-                     transformation: str = "transformation", eval_batch_size: int = 256):
+                     transformation: str = "transformation", compare_transformations: Sequence[str] = (),
+                     probe_fields: Sequence[str] = ("label",), eval_batch_size: int = 256):
+  """The case table; ``compare_transformations`` add rows ``new/h[<side-info kind>]``; ``probe_fields`` are the
+  example fields on which ψ, φ_old and φ_new are scored by leave-one-out 1-NN (with CKA(φ_old, ψ))."""
   return ml_collections.ConfigDict({
       "name": name, "kind": "evaluation", "data": data, "split": split, "old": old, "new": new,
-      "transformation": transformation, "eval_batch_size": eval_batch_size})
+      "transformation": transformation, "compare_transformations": list(compare_transformations),
+      "probe_fields": list(probe_fields), "eval_batch_size": eval_batch_size})
 
 
 def experiment(name: str, stages: Sequence[ml_collections.ConfigDict], stage: str = ""):

@@ -7,6 +7,8 @@ A stage's workdir holds:
   ``DONE``          written last: a stage without it is unfinished and is resumed, never read downstream.
 Orbax writes each step to a temporary directory and renames it when complete, so a half-written checkpoint is
 never picked up.
+
+Paths may be local or cloud URLs (``gs://…``, through ``etils.epath``; GCS needs ``gcsfs`` or TensorFlow).
 """
 
 import json
@@ -14,6 +16,7 @@ import os
 from typing import Any, Optional
 
 import jax
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -22,9 +25,22 @@ from fct_jax.errors import FCTError
 DONE = "DONE"
 
 
+def abspath(path: str) -> str:
+  """Absolute local path; URLs (``gs://…``) unchanged."""
+  return path if "://" in str(path) else os.path.abspath(path)
+
+
+def join(*parts: str) -> str:
+  return str(epath.Path(parts[0]).joinpath(*parts[1:]))
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
 def manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(abspath(directory), options=options)
 
 
 def save_state(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False):
@@ -43,7 +59,7 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: Any, step: Option
 
 def save_model(stage_dir: str, variables: Any):
   """Writes the final model variables (replicated arrays) to ``stage_dir/model``."""
-  path = os.path.abspath(os.path.join(stage_dir, "model"))
+  path = abspath(join(stage_dir, "model"))
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, variables, force=True)
   ckptr.wait_until_finished()
@@ -55,8 +71,8 @@ def load_model(stage_dir: str) -> Any:
   Restored as numpy whatever mesh saved it (a model trained on 2 hosts × 4 devices loads on one CPU), and the
   caller places it on its own mesh.
   """
-  path = os.path.abspath(os.path.join(stage_dir, "model"))
-  if not os.path.isdir(path):
+  path = abspath(join(stage_dir, "model"))
+  if not epath.Path(path).is_dir():
     raise FCTError(f"no saved model in {stage_dir} (stage not finished?)")
   try:
     ckptr = ocp.PyTreeCheckpointer()
@@ -70,26 +86,28 @@ def load_model(stage_dir: str) -> Any:
     raise FCTError(f"cannot read model in {path}: {type(e).__name__}") from e
 
 
-def write_json(path: str, obj: Any):
-  """Writes JSON atomically (temp file + rename) from process 0."""
+def write_text(path: str, text: str):
+  """Writes a text file atomically (temp file + rename) from process 0."""
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  p = epath.Path(path)
+  tmp = p.parent / (p.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(p)
+
+
+def write_json(path: str, obj: Any):
+  """Writes JSON atomically from process 0."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def is_done(stage_dir: str) -> bool:
-  return os.path.exists(os.path.join(stage_dir, DONE))
+  return epath.Path(stage_dir, DONE).exists()
 
 
 def mark_done(stage_dir: str):
-  if jax.process_index() == 0:
-    with open(os.path.join(stage_dir, DONE), "w") as f:
-      f.write("ok\n")
+  write_text(join(stage_dir, DONE), "ok\n")

@@ -11,10 +11,11 @@ refused rather than overwritten; only bookkeeping fields (logging and checkpoint
 """
 
 import json
-import os
 from typing import Optional
 
+import jax
 import ml_collections
+from etils import epath
 
 from fct_jax import checkpoint, sharding
 from fct_jax.errors import FCTError
@@ -62,8 +63,9 @@ def stage_configs(config):
 
 
 def _check_experiment(config, workdir: str):
-  marker = os.path.join(workdir, "experiment.json")
-  if os.path.exists(marker):
+  marker = checkpoint.join(workdir, "experiment.json")
+  wd = epath.Path(workdir)
+  if epath.Path(marker).exists():
     try:
       held = checkpoint.read_json(marker).get("experiment")
     except (OSError, ValueError, AttributeError) as e:
@@ -71,13 +73,13 @@ def _check_experiment(config, workdir: str):
     if held != config.experiment:
       raise FCTError(f"workdir {workdir} holds experiment {held!r}, not {config.experiment!r}; "
                      "choose another --workdir")
-  elif os.path.isdir(workdir) and os.listdir(workdir):
+  elif wd.is_dir() and any(wd.iterdir()):
     raise FCTError(f"workdir {workdir} is not empty and is not an fct_jax experiment; choose another --workdir")
 
 
 def _check_stage_config(name: str, stage_cfg, stage_dir: str):
-  path = os.path.join(stage_dir, "config.json")
-  if not os.path.exists(path):
+  path = checkpoint.join(stage_dir, "config.json")
+  if not checkpoint.exists(path):
     return
   saved, now = _normalise(checkpoint.read_json(path)), _normalise(stage_cfg.to_dict())
   diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
@@ -101,24 +103,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
   for name, scfg in todo:  # validate everything before touching the disk
     if scfg.get("kind") not in STAGE_KINDS:
       raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoint.abspath(workdir)
   _check_experiment(config, workdir)
   for name, scfg in todo:
-    _check_stage_config(name, scfg, os.path.join(workdir, name))
+    _check_stage_config(name, scfg, checkpoint.join(workdir, name))
   sharding.barrier("fct_experiment_checked")  # every process checks before any process writes
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.write_json(os.path.join(workdir, "experiment.json"), {"experiment": config.experiment})
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  checkpoint.write_json(checkpoint.join(workdir, "experiment.json"), {"experiment": config.experiment})
   sharding.barrier("fct_experiment_start")
 
   ctx = Context(workdir=workdir, mesh=mesh, stop_at_step=stop_at_step)
   ran = []
   for name, scfg in todo:
-    stage_dir = os.path.join(workdir, name)
+    stage_dir = checkpoint.join(workdir, name)
     if checkpoint.is_done(stage_dir):
       print(f"[{name}] finished earlier in {stage_dir}; skipping", flush=True)
       continue
-    os.makedirs(stage_dir, exist_ok=True)
-    checkpoint.write_json(os.path.join(stage_dir, "config.json"), scfg.to_dict())
+    if jax.process_index() == 0:
+      epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(checkpoint.join(stage_dir, "config.json"), scfg.to_dict())
     sharding.barrier(f"fct_{name}_start")
     print(f"[{name}] running stage kind {scfg.kind!r} in {stage_dir}", flush=True)
     finished = STAGE_KINDS[scfg.kind](scfg, stage_dir, ctx)

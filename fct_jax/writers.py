@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def _to_py(v):
@@ -20,29 +21,51 @@ def _to_py(v):
 
 
 class JsonlWriter:
-  """Appends ``{"step": s, name: value, ...}`` lines to ``DIR/metrics.jsonl`` and echoes them to the console."""
+  """Appends ``{"step": s, name: value, ...}`` lines to ``DIR/metrics.jsonl`` and echoes them to the console.
+
+  Local directories are appended to line by line; cloud URLs (no append there) are rewritten whole on ``flush``.
+  """
 
   def __init__(self, logdir: str, prefix: str = "", console: bool = True):
-    os.makedirs(logdir, exist_ok=True)
-    self._f = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self._path = epath.Path(logdir) / "metrics.jsonl"
+    self._remote = "://" in str(logdir)
+    self._lines = []
+    if self._remote:
+      if self._path.exists():
+        self._lines = self._path.read_text().splitlines(keepends=True)
+      self._f = None
+    else:
+      os.makedirs(logdir, exist_ok=True)
+      self._f = open(self._path, "a")
     self._prefix = prefix
     self._console = console
 
+  def _write(self, line: str):
+    if self._remote:
+      self._lines.append(line)
+    else:
+      self._f.write(line)
+
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     rec = {"step": int(step), **{k: _to_py(v) for k, v in scalars.items()}}
-    self._f.write(json.dumps(rec) + "\n")
+    self._write(json.dumps(rec) + "\n")
     if self._console:
       body = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if k != "step")
       print(f"{self._prefix}step {step}: {body}", flush=True)
 
   def write_hparams(self, hparams: Mapping[str, Any]):
-    self._f.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+    self._write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
 
   def flush(self):
-    self._f.flush()
+    if self._remote:
+      self._path.write_text("".join(self._lines))
+    elif not self._f.closed:
+      self._f.flush()
 
   def close(self):
-    self._f.close()
+    self.flush()
+    if self._f is not None:
+      self._f.close()
 
 
 class _NullWriter:

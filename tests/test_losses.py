@@ -191,7 +191,7 @@ def test_mixup_random_is_a_convex_pairing():
   x, t = jax.jit(lambda r, im: losses.mixup(rng=r, images=im, labels=jnp.arange(8), num_classes=8, alpha=1.0,
                                             mix_labels=True))(jax.random.key(0), images)
   assert x.shape == images.shape and x.dtype == images.dtype
-  # Each mixed value is λ·i + (1 − λ)·perm(i); the targets carry λ on i and 1 − λ on perm(i) (1 on a fixed point).
+  # Each mixed value is λ·i + (1 − λ)·perm(i); the targets carry λ on i and 1 − λ on perm(i) (1 on fixed points).
   t = np.asarray(t)
   diag = np.diag(t)
   moved = diag < 1 - 1e-6

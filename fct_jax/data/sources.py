@@ -3,14 +3,25 @@
 A source is anything with ``__len__`` and ``__getitem__(i) -> dict of numpy arrays`` (what grain's
 ``MapDataset.source`` reads). ``get_source(data_config, split)`` returns ``(source, info)`` where ``info`` holds
 ``num_classes`` and ``num_examples`` (after any class filtering, so that epochs and schedules are right).
+
+Datasets: ``shapes`` (embedded demo), ``digits`` (scikit-learn's bundled digits), and the paper's datasets read
+from TFDS array_record files (:data:`TFDS_DATASETS`: ``imagenet2012``, ``places365``, ``vggface2``,
+``cifar100``), whose splits are ``old_train`` (the first ``old_classes`` classes), ``new_train`` (all classes),
+``train_<K>`` (the first K classes, for update sequences) and ``eval``.
+
+ml-fct: its old model's classifier is as wide as the *new* class count (e.g. 1000 logits, 500 of them never a
+target); ours has ``SplitInfo.num_classes`` = the classes of the training split (500). Only label smoothing's
+uniform part differs (spread over 500 rather than 1000 classes).
 """
 
 import dataclasses
+import functools
+import re
 from typing import Callable, Dict, Mapping, Tuple
 
 import numpy as np
 
-from fct_jax.data import shapes
+from fct_jax.data import shapes, tfds_source
 from fct_jax.errors import FCTError
 
 
@@ -51,8 +62,141 @@ def _shapes_source(cfg, split: str) -> Tuple[ArraySource, SplitInfo]:
   return src, SplitInfo(len(src), shapes.num_classes(split), int(cfg.image_size))
 
 
+@dataclasses.dataclass(frozen=True)
+class TfdsDataset:
+  """A paper dataset prepared with TFDS, and its old/new class split.
+
+  Attributes:
+    tfds_name: TFDS registered name (``data.tfds_name`` overrides it, e.g. to pin a version ``name:x.y.z``).
+    train_split, eval_split: TFDS split names for training and for the retrieval evaluation (query = gallery).
+    num_classes: classes of the full ("new") training set.
+    old_classes: the old model's training classes: labels ``< old_classes`` (the paper's "first K classes").
+    image_size: network input side after augmentation.
+    keys: fields kept from each record.
+    eval_per_class: > 0: evaluate on a fixed random subsample of that many images per class.
+    decode_images: decode in the source (small images); otherwise the transform decodes the encoded bytes.
+  """
+  tfds_name: str
+  train_split: str
+  eval_split: str
+  num_classes: int
+  old_classes: int
+  image_size: int
+  keys: Tuple[str, ...] = ("image", "label")
+  eval_per_class: int = 0
+  decode_images: bool = False
+
+
+# TFDS label order is the order ml-fct's ImageFolder sees (sorted synsets / sorted category names), so "the first
+# K classes" selects the same classes as the paper.
+TFDS_DATASETS: Dict[str, TfdsDataset] = {
+    # ImageNet-500 → ImageNet-1k (sequence: train_250 → train_500 → new_train); eval: the 50k validation images.
+    "imagenet2012": TfdsDataset("imagenet2012", "train", "validation", 1000, 500, 224),
+    # Places-182 → Places-365 (256×256 "small" images); eval: the 36.5k validation images.
+    "places365": TfdsDataset("places365_small", "train", "validation", 365, 182, 224),
+    # VGGFace2-863 → VGGFace2-8631 (first 10% of the sorted subject ids); eval: 50 fixed random images of each
+    # of the 500 test ("validation" in the paper) subjects, whose labels are 8631..9130 (see vggface2_builder).
+    "vggface2": TfdsDataset("vggface2", "train", "test", 8631, 863, 224, keys=("image", "label", "bbox"),
+                            eval_per_class=50),
+    # ml-fct's quick start: CIFAR-50 → CIFAR-100; eval: the 10k test images.
+    # ml-fct: its ImageFolder sorts class folders as strings ("0", "1", "10", ...), so its "first 50 classes" are
+    # {0..5, 10..53}; we take labels 0..49, the paper's meaning.
+    "cifar100": TfdsDataset("cifar100", "train", "test", 100, 50, 32, decode_images=True),
+}
+
+_TRAIN_K = re.compile(r"^train_(\d+)$")
+
+
+_REPORTED = set()
+_TFDS_SPLITS = "old_train, new_train, train_<K> (first K classes), eval"
+
+
+def _tfds_source(name: str, cfg, split: str) -> Tuple[tfds_source.TfdsSource, SplitInfo]:
+  """A paper dataset's split: ``old_train`` / ``new_train`` / ``train_<K>`` / ``eval`` (see :class:`TfdsDataset`).
+
+  Config fields (``data.*``): ``data_dir`` (TFDS data_dir, local or gs://; "" = TFDS default), ``tfds_name``,
+  ``old_classes``, ``image_size``, ``eval_per_class``, ``eval_subsample_seed``, ``label_cache_dir`` and
+  ``mock_num_examples`` (> 0: ``tfds.testing.mock_data`` with that many random examples per split, for
+  ``runlocal``).
+  """
+  spec = TFDS_DATASETS[name]
+  tfds_name = cfg.get("tfds_name", "") or spec.tfds_name
+  data_dir = cfg.get("data_dir", "") or ""
+  mock = int(cfg.get("mock_num_examples", 0) or 0)
+  image_size = int(cfg.get("image_size", 0) or spec.image_size)
+  m = _TRAIN_K.match(split)
+  if split == "eval":
+    tfds_split, k = spec.eval_split, None
+  elif split in ("old_train", "new_train") or m:
+    tfds_split = spec.train_split
+    k = (int(cfg.get("old_classes", 0) or spec.old_classes) if split == "old_train"
+         else int(m.group(1)) if m else spec.num_classes)
+    if not 0 < k <= spec.num_classes:
+      raise FCTError(f"split {split!r} of {name!r} asks for {k} classes; the dataset has {spec.num_classes}")
+  else:
+    raise FCTError(f"unknown split {split!r} for dataset {name!r}; valid: {_TFDS_SPLITS}")
+
+  with tfds_source.maybe_mock(mock):
+    ds = tfds_source.open_split(tfds_name, tfds_split, data_dir)
+  per_class = int(cfg.get("eval_per_class", spec.eval_per_class) or 0) if k is None else 0
+  # Mock labels are uniform over the ClassLabel's range, so filter even where real data needs no filtering.
+  # Evaluation always needs its labels (query/gallery matches): read them through the cache too.
+  needs_labels = k is None or k < spec.num_classes or bool(mock)
+  labels = indices = None
+  if needs_labels:
+    labels = tfds_source.cached_labels(ds, tfds_name=tfds_name, split=tfds_split, data_dir=data_dir,
+                                       cache_dir=cfg.get("label_cache_dir", "") or "", use_cache=not mock)
+    if k is not None:
+      indices = tfds_source.first_classes(labels, k)
+    elif per_class > 0:
+      indices = tfds_source.per_class_subsample(labels, per_class, int(cfg.get("eval_subsample_seed", 0)))
+  src = tfds_source.TfdsSource(ds, indices=indices, labels=labels, keys=spec.keys, name=f"{tfds_name}:{split}",
+                                 decode_images=spec.decode_images)
+  if k is None:
+    k = len(np.unique(src.arrays["label"]))
+  line = (f"[data] {name} {split}: {len(src)} examples, {k} classes (tfds {tfds_name} {tfds_split}"
+          f"{', mock' if mock else ''}{', data_dir=' + data_dir if data_dir else ''})")
+  if line not in _REPORTED:  # stages reopen sources (e.g. for an upstream model's class count): report once
+    _REPORTED.add(line)
+    print(line, flush=True)
+  return src, SplitInfo(len(src), int(k), image_size)
+
+
+def _digits_source(cfg, split: str) -> Tuple[ArraySource, SplitInfo]:
+  """scikit-learn's bundled handwritten digits (1,797 8×8 images; no download): a real-image quick run.
+
+  A fixed permutation (``cfg.seed``) holds out ``cfg.num_eval`` images for evaluation; ``old_train`` keeps the
+  digits ``< cfg.old_classes`` of the rest, ``new_train`` all ten. Images are upsampled (nearest) to
+  ``cfg.image_size`` and replicated to 3 channels, uint8.
+  """
+  try:
+    from sklearn import datasets as skd  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FCTError("dataset 'digits' needs scikit-learn: pip install scikit-learn (the fct_jax[digits] extra)") from e
+  valid = ("old_train", "new_train", "eval")
+  if split not in valid:
+    raise FCTError(f"unknown split {split!r} for dataset 'digits'; valid: {', '.join(valid)}")
+  d = skd.load_digits()
+  images, labels = d.images, d.target.astype(np.int32)
+  perm = np.random.default_rng(int(cfg.get("seed", 0))).permutation(len(labels))
+  n_eval = int(cfg.get("num_eval", 497))
+  idx = perm[len(perm) - n_eval:] if split == "eval" else perm[:len(perm) - n_eval]
+  idx = np.sort(idx)
+  if split == "old_train":
+    idx = idx[labels[idx] < int(cfg.get("old_classes", 5))]
+  size = int(cfg.get("image_size", 16))
+  rep = -(-size // 8)
+  img = np.round(images[idx] * (255.0 / 16.0)).astype(np.uint8)
+  img = np.repeat(np.repeat(img, rep, axis=1), rep, axis=2)[:, :size, :size]
+  src = ArraySource({"image": np.repeat(img[..., None], 3, axis=-1), "label": labels[idx]})
+  k = int(cfg.get("old_classes", 5)) if split == "old_train" else 10
+  return src, SplitInfo(len(src), k, size)
+
+
 DATASETS: Dict[str, Callable] = {
     "shapes": _shapes_source,
+    "digits": _digits_source,
+    **{name: functools.partial(_tfds_source, name) for name in TFDS_DATASETS},
 }
 
 

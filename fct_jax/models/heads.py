@@ -1,8 +1,8 @@
 """Heads on top of an embedding: linear classifier, ArcFace cosine classifier, SimCLR projection MLP.
 
 Both classifiers keep their weight as a single parameter ``kernel`` of shape [D, C], so every backbone stores its
-classifier at ``params["classifier"]["kernel"]`` whatever the head kind — the BCT influence loss and the old-classifier
-extension read it from there.
+classifier at ``params["classifier"]["kernel"]`` whatever the head kind — the BCT influence loss and the
+old-classifier extension read it from there.
 """
 
 from typing import Any

@@ -8,7 +8,9 @@ both of its convs, as in ml-fct) with a 1×1 conv + BN shortcut when the width c
 network is exactly torchvision's (and with ``classifier_bias=True`` so are its parameter counts).
 
 Layout is NHWC; padding is explicit and symmetric like PyTorch's (Flax's 'SAME' pads stride-2 convs asymmetrically),
-so weights ported from PyTorch give the same numbers.
+so weights ported from PyTorch give the same numbers: ml-fct's ResNet18-32 and ResNet50-32 with random weights and
+BN statistics, copied over (OIHW → HWIO), agreed with these modules to 1e-6 in eval mode (checked once by hand with
+PyTorch on a CPU; CI has no torch).
 """
 
 import functools

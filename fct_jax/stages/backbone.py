@@ -32,7 +32,8 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
   if eval_source is not None:
     def evaluate(state):
       variables = {"params": state["params"], **state["model_state"]}
-      emb = common.embed(model, variables, eval_source, batch_size=common.eval_batch_size(cfg, mesh), mesh=mesh)
+      emb = common.embed(model, variables, eval_source, batch_size=common.eval_batch_size(cfg, mesh), mesh=mesh,
+                         transform=common.eval_transform(cfg))
       common.check_finite_embeddings(emb, f"stage {cfg.name!r} embeddings")
       r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
       return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}

@@ -59,11 +59,21 @@ def load_backbone(ctx: Context, stage: str, needed_by: str):
   return build_backbone(cfg, info.num_classes), variables, cfg
 
 
-def embed(module, variables, source, *, batch_size: int, mesh=None) -> np.ndarray:
-  """Embeddings [N, D] of a whole source with a backbone in eval mode."""
+def embed(module, variables, source, *, batch_size: int, mesh=None, transform=None) -> np.ndarray:
+  """Embeddings [N, D] of a whole source with a backbone in eval mode.
+
+  ``transform``: the per-example evaluation transform (default :func:`augment.eval_transform`; stages pass
+  :func:`eval_transform` of their config).
+  """
   out = train_lib.predict(lambda v, b: {"embedding": module.apply(v, b["image"], train=False)["embedding"]},
-                          variables, source, batch_size=batch_size, transform=augment.eval_transform, mesh=mesh)
+                          variables, source, batch_size=batch_size, transform=transform or augment.eval_transform,
+                          mesh=mesh)
   return out["embedding"]
+
+
+def eval_transform(cfg):
+  """The evaluation transform a stage config selects with ``eval_augment`` ("default" when absent)."""
+  return augment.get_eval_transform(cfg.get("eval_augment", "default") or "default")
 
 
 def source_labels(source, key: str = "label") -> np.ndarray:

@@ -5,16 +5,24 @@ vectors only, no images, exactly as a production upgrade would — and reports C
 for the cases old/old, new/old, new/new, h/h and new/h (query model / gallery model; the evaluation set is both
 query and gallery, each query's own item removed). Writes ``results.json`` and ``results.md`` into the experiment
 workdir and prints the table.
+
+ψ is computed for the evaluation images by the side-info model the transformation was trained with (zeros for
+``none``), as it would have been stored beside φ_old at old time. ``cfg.compare_transformations`` lists further
+transformation stages (e.g. one without and one with side-information); each adds a row ``new/h[<kind>]`` (the
+stage name in brackets when two share a kind). For every side-info model the results also hold
+``side_info_analysis``: linear CKA between φ_old and ψ (Table 6's complementarity measure) and, per field of
+``cfg.probe_fields``, the leave-one-out 1-NN accuracy of ψ, φ_old and φ_new (e.g. on the demo: does ψ know the
+shapes that φ_old threw away?).
 """
 
 import os
 
 import jax
-import numpy as np
 
-from fct_jax import checkpoint
+from fct_jax import checkpoint, retrieval
 from fct_jax.data import sources
 from fct_jax.retrieval import cases as cases_lib
+from fct_jax.retrieval import cka as cka_lib
 from fct_jax.stages import common, transformation
 
 DEFAULT_CASES = (("old", "old"), ("new", "old"), ("new", "new"), ("h", "h"), ("new", "h"))
@@ -27,20 +35,69 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   emb = {}
   for role in ("old", "new"):
     module, variables, _ = common.load_backbone(ctx, cfg[role], cfg.name)
-    emb[role] = common.embed(module, variables, source, batch_size=bs, mesh=ctx.mesh)
+    emb[role] = common.embed(module, variables, source, batch_size=bs, mesh=ctx.mesh,
+                             transform=common.eval_transform(cfg))
     common.check_finite_embeddings(emb[role], f"{role} embeddings")
-  h, _ = transformation.load_h(ctx, cfg.transformation, cfg.name)
-  side = np.zeros((len(labels), 0), np.float32)
-  emb["h"] = h(emb["old"], side)
-  common.check_finite_embeddings(emb["h"], "transformed (h) embeddings")
+  cases = [tuple(c) for c in DEFAULT_CASES]
+  psi_cache, transformed, kinds = {}, {}, {}
 
-  results = cases_lib.evaluate_cases(emb, labels, [tuple(c) for c in DEFAULT_CASES])
+  def upgrade(stage):
+    """h(φ_old, ψ) of the eval images with the transformation ``stage``; ψ computed once per side-info model."""
+    if stage not in transformed:
+      h, tcfg, side = transformation.load_h(ctx, stage, cfg.name)
+      key = side.stage or f"none{side.dim}"
+      if key not in psi_cache:
+        psi_cache[key] = (side, side.embed(source, batch_size=bs, mesh=ctx.mesh))
+        common.check_finite_embeddings(psi_cache[key][1], f"side-information ({side.method}) of {stage!r}")
+      transformed[stage] = h(emb["old"], psi_cache[key][1])
+      kinds[stage] = tcfg.side_info.kind
+      common.check_finite_embeddings(transformed[stage], f"transformed (h) embeddings of {stage!r}")
+    return transformed[stage]
+
+  emb["h"] = upgrade(cfg.transformation)
+  compare = list(cfg.get("compare_transformations", ()))
+  for stage in compare:
+    upgrade(stage)
+  for stage in compare:
+    label = kinds[stage] if [kinds[s] for s in compare].count(kinds[stage]) == 1 else stage
+    emb[f"h[{label}]"] = transformed[stage]
+    cases.append(("new", f"h[{label}]"))
+
+  results = cases_lib.evaluate_cases(emb, labels, cases)
+  analysis = _side_info_analysis(cfg, source, emb, psi_cache)
   table = cases_lib.format_markdown_table(results)
-  payload = {"cases": results, "num_eval": int(len(labels)), "side_info": "none"}
+  payload = {"cases": results, "num_eval": int(len(labels)), "side_info": kinds[cfg.transformation],
+             "side_info_analysis": analysis}
   if jax.process_index() == 0:
     for d in (stage_dir, ctx.workdir):
       checkpoint.write_json(os.path.join(d, "results.json"), payload)
       with open(os.path.join(d, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table, flush=True)
+    for name, a in analysis.items():
+      probes = " ".join(f"{f}: ψ {a['knn_top1'][f]:.1f} / old {a['knn_top1_old'][f]:.1f} / new "
+                        f"{a['knn_top1_new'][f]:.1f}" for f in a["knn_top1"])
+      print(f"[{cfg.name}] side-info {name}: CKA(φ_old, ψ) {a['cka_old']:.3f}; 1-NN top-1 % {probes}", flush=True)
   return True
+
+
+def _knn_top1(x, labels) -> float:
+  """Leave-one-out 1-NN accuracy (%) of ``labels`` with L2 distance on ``x`` (retrieval CMC top-1)."""
+  return float(retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, ks=(1,))["cmc_top1"])
+
+
+def _side_info_analysis(cfg, source, emb, psi_cache):
+  """Per side-info model (except zeros): its width, CKA with φ_old and 1-NN probes of ψ, φ_old and φ_new."""
+  models = [(side, psi) for side, psi in psi_cache.values() if side.method != "none"]
+  if not models:
+    return {}
+  fields = [f for f in cfg.get("probe_fields", ("label",)) if f in source[0]]
+  field_labels = {f: common.source_labels(source, f) for f in fields}
+  base = {role: {f: _knn_top1(emb[role], y) for f, y in field_labels.items()} for role in ("old", "new")}
+  out = {}
+  for side, psi in models:
+    out[f"{side.method}:{side.stage}"] = {
+        "dim": side.dim, "cka_old": float(cka_lib.linear_cka(emb["old"], psi)),
+        "knn_top1": {f: _knn_top1(psi, y) for f, y in field_labels.items()},
+        "knn_top1_old": base["old"], "knn_top1_new": base["new"]}
+  return out

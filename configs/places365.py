@@ -1,0 +1,40 @@
+r"""Places-182 → Places-365 (the paper's Table 2), ResNet50-512 old and new, the reference recipe.
+
+Prepare the data once (TFDS downloads the 256×256 "small" images, ~25 GB):
+
+  tfds build places365_small --data_dir=$DATA --file_format=array_record
+
+Then, in order:
+
+  python -m fct_jax.main --config=configs/places365.py:stage=old,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=transformation,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=eval,data_dir=$DATA --workdir=$WD
+
+Splits: old = the first 182 classes (TFDS's label order is the sorted category list, as ImageFolder's), new = all
+365; evaluation on the 36,500 validation images (100 per class) as query and gallery. Augmentation as ImageNet.
+The paper's side-information here is SimCLR trained on ImageNet-1k (transferred across domains); this plan runs
+without side-information.
+
+Expected (paper, Table 2; CMC top-1 — top-5 %, mAP@1.0 %):
+  old/old 29.6 — 58.2, 11.6    new/old 0.3 — 1.5, 0.12    new/new 37.0 — 65.1, 17.0
+  FCT (SimCLR-ImageNet side-info): h/h 34.0 — 62.3, 17.3    new/h 35.8 — 64.5, 18.1
+  BCT: new_bct/old 30.4 — 58.7, 12.6    new_bct/new_bct 34.9 — 64.2, 16.0
+
+Tiny form on ``tfds.testing.mock_data``: ``--config=configs/places365.py:runlocal``.
+"""
+
+import ml_collections
+
+from configs import imagenet, recipes
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  a = recipes.parse(arg)
+  return recipes.paper_experiment(
+      "places365", a,
+      data=recipes.tfds_data("places365", a),
+      old_model=imagenet.resnet50(512), new_model=imagenet.resnet50(512),
+      train_augment="inception_crop_flip", eval_augment="resize256_crop224",
+      runlocal_data=recipes.tfds_data("places365", a, mock_num_examples=48, image_size=32),
+      runlocal_train_augment="inception_crop_flip_32", runlocal_eval_augment="resize36_crop32")

@@ -1,0 +1,88 @@
+"""The reference recipe (apple/ml-fct configs) as one builder shared by the paper-dataset configs.
+
+Backbones (old and new): SGD momentum 0.875, lr 1.024 for batch 1024, weight decay 3.0517578125e-5 on every
+parameter (ml-fct ``no_bn_decay: False``), cosine schedule with 5 warm-up epochs, 100 epochs, label smoothing 0.1.
+Transformation h: the FCT MLP (inner 2048), Adam lr 5e-4, weight decay 3.0517578125e-5, cosine with 5 warm-up
+epochs, 80 epochs, batch 1024, BatchNorm in eval mode for the second half, trained on augmented new-set images.
+
+Each dataset config supplies its data block, backbones and transforms; ``runlocal`` swaps in tiny models,
+``tfds.testing.mock_data`` examples (no dataset needed) and 32-pixel versions of the same transforms.
+"""
+
+import ml_collections
+
+from configs import common
+
+WEIGHT_DECAY = 3.0517578125e-5
+BATCH = 1024
+
+
+def backbone_sgd():
+  return common.optimizer("momentum", 1.024, momentum=0.875, weight_decay=WEIGHT_DECAY, warmup_epochs=5)
+
+
+def transformation_adam():
+  return common.optimizer("adam", 5e-4, weight_decay=WEIGHT_DECAY, warmup_epochs=5)
+
+
+def tfds_data(name: str, a, **fields) -> ml_collections.ConfigDict:
+  """The ``data`` block of a TFDS dataset; ``a.data_dir`` (config argument ``data_dir=``) is where TFDS put it."""
+  d = {"name": name, "data_dir": a.get("data_dir", ""), "tfds_name": "",
+       "label_cache_dir": a.get("label_cache_dir", ""), "mock_num_examples": 0}
+  d.update(fields)
+  return ml_collections.ConfigDict(d)
+
+
+def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_augment: str, eval_augment: str,
+                     backbone_epochs: float = 100, h_epochs: float = 80, h_inner_dim: int = 2048,
+                     label_smoothing: float = 0.1, eval_batch_size: int = 1024,
+                     runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = ""):
+  """Stages old → new → transformation → eval with the reference hyper-parameters.
+
+  Args:
+    experiment: experiment name.
+    a: parsed config arguments (``stage``, ``runlocal``, ``data_dir``, ``label_cache_dir``).
+    data: the data block (full runs).
+    old_model, new_model: backbone model blocks (full runs).
+    train_augment, eval_augment: transform names (``augment.TRAIN_TRANSFORMS`` / ``augment.EVAL_TRANSFORMS``).
+    runlocal_data, runlocal_train_augment, runlocal_eval_augment: their tiny counterparts.
+  """
+  if a.runlocal:
+    data = runlocal_data
+    old_model = new_model = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 8, "widths": (4, 8),
+                                                       "stem_stride": 2})
+    h_inner_dim = 16
+    train_augment, eval_augment = runlocal_train_augment, runlocal_eval_augment
+    eval_batch_size = 16
+
+    def train(opt, epochs):
+      del epochs
+      return common.train(batch_size=16, epochs=1, steps=2, optimizer_cfg=opt, log_every_steps=1,
+                          checkpoint_every_steps=1)
+  else:
+    def train(opt, epochs):
+      return common.train(batch_size=BATCH, epochs=epochs, optimizer_cfg=opt, log_every_steps=100,
+                          checkpoint_every_steps=1000)
+
+  h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": h_inner_dim})
+  stages = [
+      common.backbone_stage("old", data=data, split="old_train", model=old_model,
+                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=1,
+                            label_smoothing=label_smoothing, augment=train_augment,
+                            eval_batch_size=eval_batch_size),
+      common.backbone_stage("new", data=data, split="new_train", model=new_model,
+                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2,
+                            label_smoothing=label_smoothing, augment=train_augment,
+                            eval_batch_size=eval_batch_size),
+      common.transformation_stage("transformation", data=data, split="new_train", model=h_model,
+                                  train_cfg=train(transformation_adam(), h_epochs), seed=3, augment=train_augment),
+      common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size),
+  ]
+  for s in stages:
+    s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)
+  return common.experiment(experiment, stages, a.stage)
+
+
+def parse(arg):
+  """Config arguments of the paper-dataset configs: ``stage=``, ``runlocal``, ``data_dir=``, ``label_cache_dir=``."""
+  return common.parse_arg(arg, stage="", runlocal=False, data_dir="", label_cache_dir="")
