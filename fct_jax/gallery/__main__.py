@@ -1,0 +1,136 @@
+r"""Command line for gallery stores.
+
+  # old time: embed the eval split with φ_old and ψ into a store
+  python -m fct_jax.gallery build --experiment /tmp/fct_demo --old old --side-info side_info --split eval \
+      --to /tmp/gallery
+  # model update: apply h to the stored vectors (no images); a new version lands beside the old one
+  python -m fct_jax.gallery upgrade --from /tmp/gallery --transformation /tmp/fct_demo/transformation \
+      --to /tmp/gallery
+  python -m fct_jax.gallery search --store /tmp/gallery --queries q.npy --k 5 --out hits.npz
+  python -m fct_jax.gallery cost --transformation /tmp/fct_demo/transformation --out-dir /tmp/cost
+  python -m fct_jax.gallery cost --paper --out-dir /tmp/cost_paper     # Figure 3: ResNet50-128 @224 vs FCT
+  python -m fct_jax.gallery precision --transformation /tmp/fct_demo/transformation   # float16/bfloat16 cost
+  python -m fct_jax.gallery info --store /tmp/gallery --verify
+
+A killed build or upgrade is resumed by rerunning the same command. User errors print one ``error: ...`` line
+and exit with status 2.
+"""
+
+import argparse
+import sys
+
+
+def _parser():
+  ap = argparse.ArgumentParser(prog="python -m fct_jax.gallery", description=__doc__.splitlines()[0])
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  b = sub.add_parser("build", help="embed a split with φ_old and ψ into a store")
+  b.add_argument("--experiment", required=True, help="experiment workdir with the finished stages")
+  b.add_argument("--old", default="old", help="backbone stage that embeds the gallery")
+  b.add_argument("--side-info", default="none", help="side_info stage name, or none[:DIM] (ψ = 0)")
+  b.add_argument("--split", default="eval")
+  b.add_argument("--to", required=True, help="store directory (local or gs://)")
+  b.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+  b.add_argument("--chunk-size", type=int, default=65536)
+  b.add_argument("--batch-size", type=int, default=None)
+  u = sub.add_parser("upgrade", help="apply a transformation stage to a store")
+  u.add_argument("--from", dest="src", required=True, help="source store")
+  u.add_argument("--from-version", default=None, help="source version (default: its CURRENT)")
+  u.add_argument("--transformation", required=True, help="transformation stage dir (EXPERIMENT_DIR/NAME)")
+  u.add_argument("--to", required=True, help="destination store (may equal --from)")
+  u.add_argument("--dtype", default=None, help="storage dtype of the new version (default: the source's)")
+  u.add_argument("--prefetch", type=int, default=2)
+  s = sub.add_parser("search", help="top-k stored ids and L2 distances of queries")
+  s.add_argument("--store", required=True)
+  s.add_argument("--version", default=None)
+  s.add_argument("--queries", required=True, help=".npy file of [M, d] query embeddings (new model)")
+  s.add_argument("--k", type=int, default=5)
+  s.add_argument("--out", default=None, help=".npz with ids and distances")
+  c = sub.add_parser("cost", help="per-example MACs and storage: backfilling vs BCT vs FCT (Figure 3)")
+  c.add_argument("--transformation", default=None, help="transformation stage dir (EXPERIMENT_DIR/NAME)")
+  c.add_argument("--paper", action="store_true", help="Figure 3's setting (ResNet50-128 @224 vs h(128,…,2048))"
+                 " from shapes alone, no workdir")
+  c.add_argument("--image-size", type=int, default=None, help="backfilling resolution (default: the data's)")
+  c.add_argument("--image-bytes", type=int, default=1, help="bytes per stored pixel channel (uint8 = 1)")
+  c.add_argument("--dtype", default="float32", help="storage dtype of side-information")
+  c.add_argument("--out-dir", default=None, help="writes cost.json and cost.png here")
+  a = sub.add_parser("precision", help="accuracy cost (CMC/mAP of new/h) of float16/bfloat16 storage")
+  a.add_argument("--transformation", required=True, help="transformation stage dir (EXPERIMENT_DIR/NAME)")
+  a.add_argument("--split", default="eval")
+  a.add_argument("--workdir", default=None, help="where the temporary stores go")
+  i = sub.add_parser("info", help="list a store's versions")
+  i.add_argument("--store", required=True)
+  i.add_argument("--verify", action="store_true", help="read every chunk and check its checksum")
+  return ap
+
+
+def run(args):
+  """Runs one parsed subcommand (raises FCTError on user errors)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top  (after argparse: --help stays fast)
+  from fct_jax.errors import FCTError  # pylint: disable=g-import-not-at-top
+  from fct_jax.gallery import store as store_lib  # pylint: disable=g-import-not-at-top
+  if args.cmd == "build":
+    from fct_jax.gallery import build  # pylint: disable=g-import-not-at-top
+    build.build(args.experiment, store_lib.Store(args.to), old=args.old, side_info=args.side_info,
+                split=args.split, dtype=args.dtype, chunk_size=args.chunk_size, batch_size=args.batch_size)
+  elif args.cmd == "upgrade":
+    from fct_jax.gallery import loader, upgrade  # pylint: disable=g-import-not-at-top
+    src = store_lib.Store(args.src).open(args.from_version)
+    t = loader.load_transformation(args.transformation)
+    upgrade.upgrade(src, t, store_lib.Store(args.to), dtype=args.dtype, prefetch=args.prefetch)
+  elif args.cmd == "search":
+    from fct_jax.gallery import search  # pylint: disable=g-import-not-at-top
+    try:
+      q = np.load(args.queries)
+    except (OSError, ValueError) as e:
+      raise FCTError(f"cannot read queries {args.queries}: {type(e).__name__}") from e
+    ids, dist = search.search(store_lib.Store(args.store).open(args.version), q, args.k)
+    if args.out:
+      np.savez(args.out, ids=ids, distances=dist)
+    for r in range(min(5, len(ids))):
+      print(f"query {r}: " + " ".join(f"{a}:{b:.4g}" for a, b in zip(ids[r], dist[r])))
+  elif args.cmd == "cost":
+    from fct_jax.gallery import cost  # pylint: disable=g-import-not-at-top
+    if args.paper:
+      rep = cost.paper_report(args.image_size or 224, dtype=args.dtype)
+    elif args.transformation:
+      rep = cost.cost_report(args.transformation, image_size=args.image_size, image_bytes=args.image_bytes,
+                             dtype=args.dtype)
+    else:
+      raise FCTError("cost needs --transformation EXPERIMENT_DIR/NAME or --paper")
+    print(cost.format_table(rep))
+    if args.out_dir:
+      print("wrote", ", ".join(cost.save(rep, args.out_dir)))
+  elif args.cmd == "precision":
+    from fct_jax.gallery import precision  # pylint: disable=g-import-not-at-top
+    res = precision.accuracy_cost(args.transformation, split=args.split, workdir=args.workdir)
+    print(f"{'dtype':<9} {'top-1':>7} {'top-5':>7} {'mAP':>7} {'Δtop-1':>7} {'ΔmAP':>7}   (new/h, %)")
+    for dt, r in res.items():
+      print(f"{dt:<9} {r['cmc_top1']:7.2f} {r['cmc_top5']:7.2f} {r['mAP']:7.2f} {r['delta_top1']:7.2f} "
+            f"{r['delta_mAP']:7.2f}")
+  elif args.cmd == "info":
+    st = store_lib.Store(args.store)
+    current = st.current()
+    if current is None:
+      raise FCTError(f"{args.store} is not a gallery store (no CURRENT version)")
+    for v in st.versions():
+      mark = "*" if v.name == current else " "
+      emb = v.model.get("embedding", {})
+      print(f"{mark} {v.name}: {v.count} items, {v.embedding_dim}-d + {v.side_info_dim}-d side-info, {v.dtype}, "
+            f"embedding model {emb.get('stage')!r} {str(emb.get('fingerprint'))[:12]}")
+      if args.verify:
+        v.verify()
+        print("    checksums ok")
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  from fct_jax.errors import FCTError  # pylint: disable=g-import-not-at-top
+  try:
+    run(args)
+  except FCTError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

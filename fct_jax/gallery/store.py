@@ -1,0 +1,391 @@
+"""On-disk gallery store: item ids, embeddings and side-information, versioned, checksummed, resumable.
+
+Why TensorStore + zarr (v2): it is already installed (orbax writes checkpoints with it), it reads and writes the
+same chunked arrays on local disk and on cloud buckets (``gs://``), its writes of whole, aligned chunks need no
+read-modify-write, so several processes may write disjoint chunks of one array at once (multi-host build and
+upgrade), and zarr v2 is readable by other tools (zarr-python, xarray). Chunks are stored uncompressed:
+embeddings barely compress, and raw chunks are the fastest to encode; corruption is caught by our checksums.
+
+Layout of a store ``ROOT``::
+
+  ROOT/CURRENT                  the committed version readers get by default (one line, replaced atomically)
+  ROOT/versions/NAME/job.json   what this version is being built from (checked when a run resumes)
+  ROOT/versions/NAME/ids/       zarr [N] int64
+  ROOT/versions/NAME/embeddings/  zarr [N, d] float32 | float16 | bfloat16
+  ROOT/versions/NAME/side_info/   zarr [N, d_side] (absent when d_side = 0)
+  ROOT/versions/NAME/progress/chunk-000012.json   one file per finished chunk: its checksums (resume)
+  ROOT/versions/NAME/manifest.json   written last: a version without it is unfinished and never read
+
+Commit = write ``manifest.json`` (one object), then replace ``CURRENT`` (one object). Nothing is renamed, so the
+same protocol is atomic on a POSIX disk (temp file + ``os.replace``) and on GCS (an object write replaces the
+object whole). Older versions are never touched, so readers of the previous version are undisturbed.
+
+Resumability: rows are processed in chunks of ``chunk_size`` items, aligned with the zarr chunks; a chunk's
+progress file is written only after all of its array writes completed. A killed run rerun with the same job finds
+the same version directory (its name derives from the job), skips the chunks that have progress files and
+recomputes the others. Each chunk is a deterministic function of its inputs, so the result equals an
+uninterrupted run's, byte for byte.
+
+Checksums are CRC-32 (zlib) of each chunk's raw little-endian bytes, per array: fast (GB/s) and enough to detect
+torn, truncated, zero-filled (missing) or bit-flipped chunks; not a defence against deliberate tampering.
+"""
+
+import hashlib
+import json
+import os
+import re
+import zlib
+from typing import Any, Dict, List, Optional
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+from etils import epath
+
+from fct_jax.errors import FCTError
+
+FORMAT = "fct_jax.gallery/1"
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+          "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_ZARR_DTYPE = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16", "int64": "<i8"}
+ARRAYS = ("ids", "embeddings", "side_info")
+DEFAULT_CHUNK = 65536
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ----------------------------------------------------------------------------------------------- small files
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in str(path)
+
+
+def _join(*parts) -> str:
+  return str(epath.Path(parts[0]).joinpath(*[str(p) for p in parts[1:]]))
+
+
+def _exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def write_text_atomic(path: str, text: str):
+  """Replaces ``path`` with ``text`` atomically (local: temp file + rename; buckets: one object write)."""
+  if _is_local(path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  else:
+    epath.Path(path).write_text(text)
+
+
+def _read_json(path: str, what: str) -> Any:
+  try:
+    return json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError) as e:
+    raise FCTError(f"{what} {path} is unreadable ({type(e).__name__})") from e
+
+
+def _dump(obj) -> str:
+  return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def canonical(obj) -> Any:
+  """``obj`` as it reads back from JSON (tuples become lists), so that saved and fresh jobs compare equal."""
+  return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def fingerprint(obj) -> str:
+  """A short stable hash of a JSON-able object (job descriptions, manifests)."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def checksum(a: np.ndarray) -> str:
+  """CRC-32 of an array's raw C-order bytes (``crc32:xxxxxxxx``); zlib releases the GIL on large buffers."""
+  return f"crc32:{zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1)) & 0xFFFFFFFF:08x}"
+
+
+def _kvstore(path: str) -> dict:
+  if path.startswith("gs://"):
+    bucket, _, rest = path[len("gs://"):].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": rest.rstrip("/") + "/"}
+  if not _is_local(path):
+    raise FCTError(f"unsupported store location {path!r}: use a local path or gs://bucket/path")
+  return {"driver": "file", "path": os.path.abspath(path)}
+
+
+def _open_array(path: str, *, create: bool, shape=None, chunk_rows=None, dtype=None):
+  spec = {"driver": "zarr", "kvstore": _kvstore(path)}
+  if create:
+    spec["metadata"] = {"shape": list(shape), "chunks": [chunk_rows] + list(shape[1:]),
+                        "dtype": _ZARR_DTYPE[dtype], "compressor": None}
+    # open=True: a resumed run reopens the array it created (same metadata) instead of erasing its chunks.
+    return ts.open(spec, create=True, open=True).result()
+  return ts.open(spec, open=True).result()
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+class Version:
+  """A committed, read-only version of a store.
+
+  Attributes:
+    path: the version directory.
+    name: its name.
+    manifest: the parsed ``manifest.json`` (see :func:`make_manifest`).
+  """
+
+  def __init__(self, path: str, name: str, manifest: dict):
+    self.path, self.name, self.manifest = path, name, manifest
+    self._arrays = {}
+
+  # Convenience views of the manifest.
+  count = property(lambda self: int(self.manifest["count"]))
+  chunk_size = property(lambda self: int(self.manifest["chunk_size"]))
+  num_chunks = property(lambda self: int(self.manifest["num_chunks"]))
+  embedding_dim = property(lambda self: int(self.manifest["embedding_dim"]))
+  side_info_dim = property(lambda self: int(self.manifest["side_info_dim"]))
+  dtype = property(lambda self: self.manifest["dtype"])
+  model = property(lambda self: self.manifest["model"])
+
+  def chunk_rows(self, i: int):
+    """``(start, stop)`` rows of chunk ``i``."""
+    start = i * self.chunk_size
+    return start, min(start + self.chunk_size, self.count)
+
+  def _array(self, key: str):
+    if key not in self._arrays:
+      try:
+        self._arrays[key] = _open_array(_join(self.path, key), create=False)
+      except Exception as e:  # tensorstore raises ValueError/RuntimeError with long messages
+        raise FCTError(f"gallery version {self.path}: cannot open array {key!r} "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    return self._arrays[key]
+
+  def read_chunk(self, i: int, *, verify: bool = True) -> Dict[str, np.ndarray]:
+    """Chunk ``i`` as ``{"ids": [n] int64, "embeddings": [n, d], "side_info": [n, d_side]}`` (stored dtype).
+
+    With ``verify`` every array's CRC-32 is checked against the manifest; a missing, truncated or altered chunk
+    raises :class:`FCTError`.
+    """
+    if not 0 <= i < self.num_chunks:
+      raise IndexError(f"chunk {i} out of range [0, {self.num_chunks})")
+    start, stop = self.chunk_rows(i)
+    keys = ["ids", "embeddings"] + (["side_info"] if self.side_info_dim else [])
+    try:
+      futures = {k: self._array(k)[start:stop].read() for k in keys}
+      out = {k: f.result() for k, f in futures.items()}
+    except FCTError:
+      raise
+    except Exception as e:
+      raise FCTError(f"gallery version {self.path}: chunk {i} is corrupt or truncated "
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    if not self.side_info_dim:
+      out["side_info"] = np.zeros((stop - start, 0), DTYPES[self.dtype])
+    if verify:
+      want = self.manifest["chunks"][i]
+      for k in keys:
+        got = checksum(out[k])
+        if got != want[k]:
+          raise FCTError(f"gallery version {self.path}: chunk {i} of {k!r} fails its checksum ({got} != "
+                         f"{want[k]}): the store is corrupt; rebuild that version")
+    return out
+
+  def read_all(self, *, verify: bool = True) -> Dict[str, np.ndarray]:
+    """The whole version in memory (tests, small galleries)."""
+    chunks = [self.read_chunk(i, verify=verify) for i in range(self.num_chunks)]
+    if not chunks:
+      return {"ids": np.zeros((0,), np.int64), "embeddings": np.zeros((0, self.embedding_dim), DTYPES[self.dtype]),
+              "side_info": np.zeros((0, self.side_info_dim), DTYPES[self.dtype])}
+    return {k: np.concatenate([c[k] for c in chunks]) for k in ARRAYS}
+
+  def verify(self):
+    """Reads and checks every chunk; raises :class:`FCTError` on the first bad one."""
+    for i in range(self.num_chunks):
+      self.read_chunk(i, verify=True)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def make_manifest(*, name: str, count: int, chunk_size: int, embedding_dim: int, side_info_dim: int, dtype: str,
+                  model: dict, lineage: List[dict], job: dict, chunks: List[dict], sequence: int) -> dict:
+  """The manifest of a version: everything a reader needs to trust and interpret the arrays.
+
+  ``model`` says which models the stored vectors come from: ``{"embedding": {"stage", "fingerprint", "dim"},
+  "side_info": {"kind", "stage", "fingerprint", "dim"}}``; an upgrade checks it against the transformation.
+  ``lineage`` lists the operations that produced the version (build, then each upgrade). ``chunks[i]`` holds the
+  CRC-32 of each array's chunk ``i``.
+  """
+  return {"format": FORMAT, "name": name, "sequence": sequence, "count": count, "chunk_size": chunk_size,
+          "num_chunks": len(chunks), "embedding_dim": embedding_dim, "side_info_dim": side_info_dim,
+          "dtype": dtype, "arrays": {"ids": {"dtype": "int64", "shape": [count]},
+                                     "embeddings": {"dtype": dtype, "shape": [count, embedding_dim]},
+                                     "side_info": {"dtype": dtype, "shape": [count, side_info_dim]}},
+          "checksum": "crc32 per chunk of raw little-endian bytes", "model": model, "lineage": lineage,
+          "job": job, "chunks": chunks}
+
+
+class VersionWriter:
+  """Writes one (possibly resumed) version; thread-safe for distinct chunks.
+
+  Created by :meth:`Store.begin`. Call :meth:`write_chunk` for every chunk not in :attr:`done`, then
+  :meth:`commit`.
+  """
+
+  def __init__(self, store: "Store", name: str, job: dict, *, count: int, chunk_size: int, embedding_dim: int,
+               side_info_dim: int, dtype: str):
+    self.store, self.name, self.job = store, name, job
+    self.path = _join(store.root, "versions", name)
+    self.count, self.chunk_size = count, chunk_size
+    self.embedding_dim, self.side_info_dim, self.dtype = embedding_dim, side_info_dim, dtype
+    self.num_chunks = -(-count // chunk_size)
+    rows = max(chunk_size, 1)
+    self._arrays = {
+        "ids": _open_array(_join(self.path, "ids"), create=True, shape=[count], chunk_rows=rows, dtype="int64"),
+        "embeddings": _open_array(_join(self.path, "embeddings"), create=True, shape=[count, embedding_dim],
+                                  chunk_rows=rows, dtype=dtype)}
+    if side_info_dim:
+      self._arrays["side_info"] = _open_array(_join(self.path, "side_info"), create=True,
+                                              shape=[count, side_info_dim], chunk_rows=rows, dtype=dtype)
+    epath.Path(self.path, "progress").mkdir(parents=True, exist_ok=True)
+    self.done = self._done_chunks()
+
+  def _progress_path(self, i: int) -> str:
+    return _join(self.path, "progress", f"chunk-{i:06d}.json")
+
+  def _done_chunks(self) -> Dict[int, dict]:
+    done = {}
+    for p in epath.Path(self.path, "progress").glob("chunk-*.json"):
+      try:
+        rec = json.loads(p.read_text())
+        done[int(rec["chunk"])] = rec["checksums"]
+      except (OSError, ValueError, KeyError):
+        continue  # a torn progress file (killed mid-write): the chunk is simply redone
+    return done
+
+  def chunk_rows(self, i: int):
+    start = i * self.chunk_size
+    return start, min(start + self.chunk_size, self.count)
+
+  def write_chunk(self, i: int, ids: np.ndarray, embeddings: np.ndarray, side_info: np.ndarray) -> dict:
+    """Writes chunk ``i`` (rows ``chunk_rows(i)``) and then its progress record; returns its checksums.
+
+    Args:
+      i: chunk index.
+      ids: [n] integer item ids.
+      embeddings: [n, embedding_dim], cast to the store dtype.
+      side_info: [n, side_info_dim], cast to the store dtype.
+    """
+    start, stop = self.chunk_rows(i)
+    n = stop - start
+    dt = DTYPES[self.dtype]
+    data = {"ids": np.asarray(ids, np.int64), "embeddings": np.asarray(embeddings).astype(dt, copy=False),
+            "side_info": np.asarray(side_info).astype(dt, copy=False)}
+    want = {"ids": (n,), "embeddings": (n, self.embedding_dim), "side_info": (n, self.side_info_dim)}
+    for k, shape in want.items():
+      if data[k].shape != shape:
+        raise FCTError(f"chunk {i}: {k} has shape {data[k].shape}, expected {shape}")
+    keys = [k for k in ARRAYS if k in self._arrays]
+    # All writes of the chunk in flight at once; the progress record only after every one has landed.
+    futures = [self._arrays[k][start:stop].write(data[k]) for k in keys]
+    sums = {k: checksum(data[k]) for k in keys}
+    for f in futures:
+      f.result()
+    write_text_atomic(self._progress_path(i), json.dumps({"chunk": i, "rows": [start, stop], "checksums": sums}))
+    self.done[i] = sums
+    return sums
+
+  def commit(self, *, model: dict, lineage: List[dict]) -> Version:
+    """Writes the manifest and points ``CURRENT`` at this version (call from one process, after all chunks)."""
+    done = self._done_chunks()
+    missing = [i for i in range(self.num_chunks) if i not in done]
+    if missing:
+      raise FCTError(f"cannot commit {self.path}: {len(missing)} chunk(s) unfinished (first: {missing[0]})")
+    manifest = make_manifest(name=self.name, count=self.count, chunk_size=self.chunk_size,
+                             embedding_dim=self.embedding_dim, side_info_dim=self.side_info_dim, dtype=self.dtype,
+                             model=model, lineage=lineage, job=self.job,
+                             chunks=[done[i] for i in range(self.num_chunks)],
+                             sequence=1 + max([v.manifest["sequence"] for v in self.store.versions()] or [0]))
+    write_text_atomic(_join(self.path, "manifest.json"), _dump(manifest))
+    write_text_atomic(_join(self.store.root, "CURRENT"), self.name + "\n")
+    return self.store.open(self.name)
+
+
+class Store:
+  """A directory (local or ``gs://``) of gallery versions; see the module docstring for the layout."""
+
+  def __init__(self, root: str):
+    self.root = str(root).rstrip("/") if not _is_local(root) else os.path.abspath(root)
+
+  def _version_dir(self, name: str) -> str:
+    return _join(self.root, "versions", name)
+
+  def exists(self) -> bool:
+    return _exists(_join(self.root, "versions"))
+
+  def current(self) -> Optional[str]:
+    p = _join(self.root, "CURRENT")
+    return epath.Path(p).read_text().strip() if _exists(p) else None
+
+  def versions(self) -> List[Version]:
+    """Committed versions, oldest first."""
+    d = epath.Path(self.root, "versions")
+    if not d.exists():
+      return []
+    out = [self.open(p.name) for p in d.iterdir() if (p / "manifest.json").exists()]
+    return sorted(out, key=lambda v: v.manifest["sequence"])
+
+  def open(self, name: Optional[str] = None) -> Version:
+    """A committed version (default: ``CURRENT``); a one-line error if there is none or it is unfinished."""
+    if name is None:
+      name = self.current()
+      if name is None:
+        raise FCTError(f"{self.root} is not a gallery store (no CURRENT version); build one first "
+                       "(python -m fct_jax.gallery build ...)")
+    path = self._version_dir(name)
+    mpath = _join(path, "manifest.json")
+    if not _exists(mpath):
+      state = "is unfinished (no manifest)" if _exists(path) else "does not exist"
+      raise FCTError(f"gallery version {name!r} in {self.root} {state}")
+    manifest = _read_json(mpath, "gallery manifest")
+    if manifest.get("format") != FORMAT:
+      raise FCTError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return Version(path, name, manifest)
+
+  def begin(self, name: str, job: dict, *, count: int, chunk_size: int, embedding_dim: int, side_info_dim: int,
+            dtype: str) -> VersionWriter:
+    """Starts version ``name`` for ``job``, or resumes it when a killed run of the same job left it unfinished.
+
+    Refuses (one-line error, nothing written) a committed version of that name, an unfinished one from a
+    different job, a bad dtype or chunk size.
+    """
+    if not _NAME.match(name):
+      raise FCTError(f"bad version name {name!r} (letters, digits, '_', '.', '-')")
+    if dtype not in DTYPES:
+      raise FCTError(f"unknown storage dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if chunk_size <= 0:
+      raise FCTError(f"chunk_size must be positive, got {chunk_size}")
+    path = self._version_dir(name)
+    if _exists(_join(path, "manifest.json")):
+      raise FCTError(f"gallery version {name!r} in {self.root} is already committed")
+    job = canonical(job)
+    jpath = _join(path, "job.json")
+    if _exists(jpath):
+      held = _read_json(jpath, "job file")
+      if held != job:
+        raise FCTError(f"{path} holds an unfinished run of a different job; remove it or pick another store")
+    else:
+      epath.Path(path).mkdir(parents=True, exist_ok=True)
+      write_text_atomic(jpath, _dump(job))
+    return VersionWriter(self, name, job, count=count, chunk_size=chunk_size, embedding_dim=embedding_dim,
+                         side_info_dim=side_info_dim, dtype=dtype)
+
+  def find_job(self, job: dict) -> Optional[Version]:
+    """The committed version that ``job`` already produced, if any (reruns of finished jobs are no-ops)."""
+    job = canonical(job)
+    for v in self.versions():
+      if v.manifest.get("job") == job:
+        return v
+    return None
