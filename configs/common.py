@@ -46,11 +46,17 @@ def train(*, batch_size: int, epochs: float, optimizer_cfg, steps: int = 0, log_
 
 
 def backbone_stage(name: str, *, data, split: str, model, train_cfg, seed: int, label_smoothing: float = 0.1,
-                   augment: str = "none", eval_split: str = "", eval_batch_size: int = 256):
-  """φ_old / φ_new: softmax cross-entropy with label smoothing on ``split``."""
+                   augment: str = "none", eval_split: str = "", eval_batch_size: int = 256, bct_old: str = "",
+                   bct_weight: float = 1.0):
+  """φ_old / φ_new: softmax cross-entropy with label smoothing on ``split``.
+
+  ``bct_old`` (a finished backbone stage) makes it BCT's new model: + ``bct_weight`` × the influence loss through
+  that stage's frozen classifier, extended with its class means for the classes it never saw.
+  """
   return ml_collections.ConfigDict({
       "name": name, "kind": "backbone", "seed": seed, "data": data, "split": split, "model": model,
-      "loss": {"label_smoothing": label_smoothing}, "train": train_cfg, "augment": augment,
+      "loss": {"label_smoothing": label_smoothing}, "bct": {"old": bct_old, "weight": bct_weight},
+      "train": train_cfg, "augment": augment,
       "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
 
@@ -81,31 +87,38 @@ def side_info_stage(name: str, *, method: str = "simclr", data, split: str, mode
 def transformation_stage(name: str, *, data, split: str, model, train_cfg, seed: int, old: str = "old",
                          new: str = "new", side_info_kind: str = "none", side_info_dim: int = 0,
                          side_info_stage: str = "", augment: str = "none", bn_eval_after: float = 0.5,
-                         cache_features: bool = False, eval_batch_size: int = 256):
-  """h(φ_old, ψ) ≈ φ_new with the L2 loss; ``old``/``new`` name the upstream stages.
+                         feature_mode: str = "online", cache_views: int = 1, eval_batch_size: int = 256):
+  """h(φ_old, ψ) ≈ φ_new with the L2 loss; ``old``/``new`` name the upstream stages (``new`` a side_info stage:
+  g(φ_i, ψ_i) ≈ ψ_{i+1} for update sequences).
 
   Side-information: ``side_info_kind="none"`` feeds zeros of width ``side_info_dim`` (0: no side branch);
   otherwise ``side_info_stage`` names the side_info stage to load, whose method must equal the kind and whose ψ
-  width must equal ``side_info_dim``. ``cache_features`` (needs ``augment="none"``) computes the frozen models'
-  features once instead of every step; ``eval_batch_size`` is that pass's batch.
+  width must equal ``side_info_dim``. ``feature_mode``: ``online`` (ml-fct: frozen models run on augmented images
+  every step) or ``cached`` (features of ``cache_views`` augmented views per image computed once and stored);
+  ``eval_batch_size`` is the caching pass's batch. ``bn_eval_after``: fraction of the steps after which h's
+  BatchNorm runs in eval mode.
   """
   return ml_collections.ConfigDict({
       "name": name, "kind": "transformation", "seed": seed, "data": data, "split": split, "model": model,
       "old": old, "new": new,
       "side_info": {"kind": side_info_kind, "dim": side_info_dim, "stage": side_info_stage},
-      "train": train_cfg, "augment": augment, "bn_eval_after": bn_eval_after, "cache_features": cache_features,
+      "train": train_cfg, "augment": augment, "bn_eval_after": bn_eval_after, "feature_mode": feature_mode,
+      "cache_views": cache_views,
       "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
 
 def evaluation_stage(name: str, *, data, split: str, old: str = "old", new: str = "new",
                      transformation: str = "transformation", compare_transformations: Sequence[str] = (),
-                     probe_fields: Sequence[str] = ("label",), eval_batch_size: int = 256):
+                     probe_fields: Sequence[str] = ("label",), eval_batch_size: int = 256, bct: str = "",
+                     paper_table: str = ""):
   """The case table; ``compare_transformations`` add rows ``new/h[<side-info kind>]``; ``probe_fields`` are the
-  example fields on which ψ, φ_old and φ_new are scored by leave-one-out 1-NN (with CKA(φ_old, ψ))."""
+  example fields on which ψ, φ_old and φ_new are scored by leave-one-out 1-NN (with CKA(φ_old, ψ)); ``bct`` (a
+  BCT backbone stage) adds the rows ``bct-new/old`` and ``bct-new/bct-new``; ``paper_table`` (e.g. ``"table1"``,
+  a key of ``fct_jax.report.PAPER_TABLES``) prints the paper's numbers beside ours in results.md."""
   return ml_collections.ConfigDict({
-      "name": name, "kind": "evaluation", "data": data, "split": split, "old": old, "new": new,
+      "name": name, "kind": "evaluation", "data": data, "split": split, "old": old, "new": new, "bct": bct,
       "transformation": transformation, "compare_transformations": list(compare_transformations),
-      "probe_fields": list(probe_fields), "eval_batch_size": eval_batch_size})
+      "probe_fields": list(probe_fields), "eval_batch_size": eval_batch_size, "paper_table": paper_table})
 
 
 def experiment(name: str, stages: Sequence[ml_collections.ConfigDict], stage: str = ""):
@@ -120,3 +133,62 @@ def experiment(name: str, stages: Sequence[ml_collections.ConfigDict], stage: st
     return c
   return ml_collections.ConfigDict({"experiment": name, "stage": "", "plan": list(by_name),
                                     "stages": {k: v.to_dict() for k, v in by_name.items()}})
+
+
+def sequence_evaluation_stage(name: str, *, data, split: str, backbones: Sequence[str], rows,
+                              eval_batch_size: int = 256):
+  """Table 5: ``backbones`` against themselves plus ``rows`` ``(name, query, hops)``: the query backbone against the
+  first version's stored φ, ψ upgraded through ``hops`` (``[[h, g], ...]``; see fct_jax/stages/sequence.py)."""
+  return ml_collections.ConfigDict({
+      "name": name, "kind": "sequence_evaluation", "data": data, "split": split, "backbones": list(backbones),
+      "rows": [{"name": n, "query": q, "hops": [list(h) for h in hops]} for n, q, hops in rows],
+      "eval_batch_size": eval_batch_size})
+
+
+def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, h_model, backbone_train,
+                    side_train, h_train, side_kwargs=None, backbone_kwargs=None, h_kwargs=None,
+                    eval_split: str = "eval", eval_batch_size: int = 256):
+  """The update sequence v1 → v2 → v3 of the paper's §4.4 (Table 5), with and without side-information.
+
+  Stages: backbones ``v1..v3`` (on ``splits``), SimCLR side-information ``side1``, ``side2`` (on v1's / v2's
+  training images), transformations ``h2`` (v1 → v2), ``h3`` (v2 → v3), ``h13`` (v1 → v3) with ψ and their
+  ``*_none`` twins without, ``g2`` ((φ1, ψ1) → ψ2), and the sequence evaluation ``eval`` with the rows
+  ``v2/h2(v1)``, ``v3/h3(v2)``, ``v3/h3(h2(v1))`` (two hops, ψ carried by g2), ``v3/h13(v1)``, each also with
+  ``[none]`` (no side-information).
+
+  Args:
+    data: data block; splits: the three versions' training splits.
+    backbone_model, side_model, h_model: model blocks.
+    backbone_train, side_train, h_train: ``fn(stage index) -> train config`` (fresh ConfigDicts).
+    side_kwargs, backbone_kwargs, h_kwargs: extra keyword arguments of the stage builders.
+  """
+  bk, sk, hk = dict(backbone_kwargs or {}), dict(side_kwargs or {}), dict(h_kwargs or {})
+  d_side = int(side_model.embedding_dim)
+  stages = []
+  for i, split in enumerate(splits, start=1):
+    stages.append(backbone_stage(f"v{i}", data=data, split=split, model=backbone_model, train_cfg=backbone_train(i),
+                                 seed=10 + i, eval_batch_size=eval_batch_size, **bk))
+    if i < len(splits):  # the last version's ψ would only serve a further update
+      stages.append(side_info_stage(f"side{i}", method="simclr", data=data, split=split, model=side_model,
+                                    train_cfg=side_train(i), seed=20 + i, eval_batch_size=eval_batch_size, **sk))
+
+  def h(name, old, new, split, side):
+    kw = dict(side_info_kind="simclr", side_info_dim=d_side, side_info_stage=side) if side else {}
+    return transformation_stage(name, data=data, split=split, model=h_model, train_cfg=h_train(name), seed=30,
+                                old=old, new=new, eval_batch_size=eval_batch_size, **kw, **hk)
+
+  s2, s3 = splits[1], splits[2]
+  stages += [
+      h("h2", "v1", "v2", s2, "side1"), h("h2_none", "v1", "v2", s2, ""),
+      h("g2", "v1", "side2", s2, "side1"),  # g: (φ1, ψ1) → ψ2 on the v2 training set
+      h("h3", "v2", "v3", s3, "side2"), h("h3_none", "v2", "v3", s3, ""),
+      h("h13", "v1", "v3", s3, "side1"), h("h13_none", "v1", "v3", s3, ""),
+  ]
+  rows = [("v2/h2(v1)", "v2", [["h2", ""]]), ("v3/h3(v2)", "v3", [["h3", ""]]),
+          ("v3/h3(h2(v1))", "v3", [["h2", "g2"], ["h3", ""]]), ("v3/h13(v1)", "v3", [["h13", ""]]),
+          ("v2/h2(v1)[none]", "v2", [["h2_none", ""]]), ("v3/h3(v2)[none]", "v3", [["h3_none", ""]]),
+          ("v3/h3(h2(v1))[none]", "v3", [["h2_none", ""], ["h3_none", ""]]),
+          ("v3/h13(v1)[none]", "v3", [["h13_none", ""]])]
+  stages.append(sequence_evaluation_stage("eval", data=data, split=eval_split, backbones=("v1", "v2", "v3"),
+                                          rows=rows, eval_batch_size=eval_batch_size))
+  return stages

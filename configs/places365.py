@@ -37,4 +37,4 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       old_model=imagenet.resnet50(512), new_model=imagenet.resnet50(512),
       train_augment="inception_crop_flip", eval_augment="resize256_crop224",
       runlocal_data=recipes.tfds_data("places365", a, mock_num_examples=48, image_size=32),
-      runlocal_train_augment="inception_crop_flip_32", runlocal_eval_augment="resize36_crop32")
+      runlocal_train_augment="inception_crop_flip_32", runlocal_eval_augment="resize36_crop32", paper_table="table2")

@@ -36,7 +36,8 @@ def tfds_data(name: str, a, **fields) -> ml_collections.ConfigDict:
 def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_augment: str, eval_augment: str,
                      backbone_epochs: float = 100, h_epochs: float = 80, h_inner_dim: int = 2048,
                      label_smoothing: float = 0.1, eval_batch_size: int = 1024,
-                     runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = ""):
+                     runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = "",
+                     paper_table: str = ""):
   """Stages old → new → transformation → eval with the reference hyper-parameters.
 
   Args:
@@ -46,6 +47,7 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
     old_model, new_model: backbone model blocks (full runs).
     train_augment, eval_augment: transform names (``augment.TRAIN_TRANSFORMS`` / ``augment.EVAL_TRANSFORMS``).
     runlocal_data, runlocal_train_augment, runlocal_eval_augment: their tiny counterparts.
+    paper_table: the paper's table of this experiment (``fct_jax.report.PAPER_TABLES``), shown beside ours.
   """
   if a.runlocal:
     data = runlocal_data
@@ -76,7 +78,8 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
                             eval_batch_size=eval_batch_size),
       common.transformation_stage("transformation", data=data, split="new_train", model=h_model,
                                   train_cfg=train(transformation_adam(), h_epochs), seed=3, augment=train_augment),
-      common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size),
+      common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size,
+                              paper_table=paper_table),
   ]
   for s in stages:
     s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)

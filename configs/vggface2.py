@@ -46,4 +46,4 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       # Mock labels are uniform over all 9,131 subjects: a larger "old" set keeps a few batches of examples.
       runlocal_data=recipes.tfds_data("vggface2", a, mock_num_examples=64, image_size=32, old_classes=4600,
                                       eval_per_class=50, eval_subsample_seed=0),
-      runlocal_train_augment="face_crop_flip_32", runlocal_eval_augment="face_crop_32")
+      runlocal_train_augment="face_crop_flip_32", runlocal_eval_augment="face_crop_32", paper_table="table3")

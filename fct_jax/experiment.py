@@ -11,10 +11,13 @@ refused rather than overwritten; only bookkeeping fields (logging and checkpoint
 """
 
 import json
+import math
+import re
 from typing import Optional
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from fct_jax import checkpoint, sharding
@@ -133,3 +136,148 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
     sharding.barrier(f"fct_{name}_done")
     ran.append(name)
   return ran
+
+
+# ---------------------------------------------------------------------------------------------------- dry run
+
+# Split sizes known without reading a dataset: TFDS split sizes of the prepared datasets, and the class-filtered
+# counts we know (ImageNet's first 500 classes, counted once; CIFAR-100 has 500 training images per class).
+# Anything else is counted from the label index when the data is prepared, so a dry run cannot know it.
+KNOWN_SPLIT_SIZES = {
+    ("imagenet2012", "train"): 1_281_167, ("imagenet2012", "validation"): 50_000,
+    ("places365_small", "train"): 1_803_460, ("places365_small", "validation"): 36_500,
+    ("cifar100", "train"): 50_000, ("cifar100", "test"): 10_000,
+    ("vggface2", "train"): 3_141_890, ("vggface2", "test"): 169_396,  # the VGGFace2 release (8631 / 500 subjects)
+}
+KNOWN_FIRST_CLASSES = {("imagenet2012", 500): 640_542, **{("cifar100", k): 500 * k for k in range(1, 101)}}
+UNKNOWN = "unknown (not prepared)"
+
+
+def split_size(data_cfg, split: str):
+  """``(num_examples or None, note)`` of a split, from the config and known sizes only: no data is read.
+
+  The shapes demo's sizes are config fields; digits' come from scikit-learn's bundled labels (a 14 KB array, no
+  images); TFDS datasets use :data:`KNOWN_SPLIT_SIZES` / :data:`KNOWN_FIRST_CLASSES`; ``runlocal``'s mock data
+  has ``mock_num_examples`` per split with random labels, so a class subset keeps about its share.
+  """
+  from fct_jax.data import sources  # pylint: disable=g-import-not-at-top
+  name = data_cfg.get("name")
+  if name == "shapes":
+    sizes = {"old_train": "num_old_train", "new_train": "num_new_train", "eval": "num_eval"}
+    return (int(data_cfg[sizes[split]]), "config") if split in sizes else (None, f"unknown split {split!r}")
+  if name == "digits":
+    try:
+      from sklearn import datasets as skd  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return None, "unknown (needs scikit-learn)"
+    labels = skd.load_digits().target
+    n_eval = int(data_cfg.get("num_eval", 497))
+    if split == "eval":
+      return n_eval, "scikit-learn digits"
+    perm = np.random.default_rng(int(data_cfg.get("seed", 0))).permutation(len(labels))
+    rest = labels[perm[:len(perm) - n_eval]]
+    k = int(data_cfg.get("old_classes", 5)) if split == "old_train" else 10
+    return int((rest < k).sum()), "scikit-learn digits"
+  if name not in sources.TFDS_DATASETS:
+    return None, f"unknown dataset {name!r}"
+  spec = sources.TFDS_DATASETS[name]
+  tfds_name = (data_cfg.get("tfds_name", "") or spec.tfds_name).split(":")[0]
+  m = re.match(r"^train_(\d+)$", split)
+  if split == "eval":
+    k = None
+  elif split in ("old_train", "new_train") or m:
+    k = (int(data_cfg.get("old_classes", 0) or spec.old_classes) if split == "old_train"
+         else int(m.group(1)) if m else spec.num_classes)
+  else:
+    return None, f"unknown split {split!r}"
+  mock = int(data_cfg.get("mock_num_examples", 0) or 0)
+  if mock:
+    # Mock labels are uniform over all classes: a subset of k classes keeps about k/num_classes of them.
+    share = 1.0 if k is None else k / spec.num_classes
+    return max(1, round(mock * share)), "mock data, random labels: approximate"
+  if k is None:
+    total = KNOWN_SPLIT_SIZES.get((tfds_name, spec.eval_split))
+    per_class = int(data_cfg.get("eval_per_class", spec.eval_per_class) or 0)
+    if per_class and total is not None:
+      # Every VGGFace2 test subject has more than 50 images, so the subsample is exactly 50 per subject.
+      return 500 * per_class if name == "vggface2" else None, f"{per_class} per class of tfds {spec.eval_split}"
+    return total, f"tfds {tfds_name} {spec.eval_split}" if total else UNKNOWN
+  if k == spec.num_classes:
+    total = KNOWN_SPLIT_SIZES.get((tfds_name, spec.train_split))
+    return total, f"tfds {tfds_name} {spec.train_split}" if total else UNKNOWN
+  n = KNOWN_FIRST_CLASSES.get((tfds_name, k))
+  return n, f"first {k} classes of tfds {tfds_name} {spec.train_split}" if n else UNKNOWN
+
+
+def _stage_state(stage_dir: str) -> str:
+  if checkpoint.is_done(stage_dir):
+    return "finished (skipped)"
+  ckpts = epath.Path(stage_dir) / "checkpoints"
+  if ckpts.is_dir() and any(ckpts.iterdir()):
+    return "started (resumes from its last checkpoint)"
+  return "to run"
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
+  """Prints the plan without training, creating anything or reading data; returns one dict per stage.
+
+  For each stage in order: its name, kind and state in ``workdir`` (finished / started / to run); for training
+  stages the split, its size (see :func:`split_size`) and the steps per epoch, total steps, epochs and batch the
+  run would use; for evaluation the evaluation split's size. A workdir or stage the real run would refuse is
+  reported, not raised.
+  """
+  todo = stage_configs(config)
+  for name, scfg in todo:
+    if scfg.get("kind") not in STAGE_KINDS:
+      raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
+  workdir = checkpoint.abspath(workdir)
+  experiment = config.get("experiment", "")
+  print(f"dry run: experiment {experiment!r}, {len(todo)} stage(s), workdir {workdir} "
+        f"({'exists' if epath.Path(workdir).exists() else 'not created yet'}); nothing is trained or written")
+  try:
+    _check_experiment(config, workdir)
+  except FCTError as e:
+    print(f"  the run would stop here: {e}")
+  plan = []
+  for i, (name, scfg) in enumerate(todo, 1):
+    stage_dir = checkpoint.join(workdir, name)
+    state = _stage_state(stage_dir)
+    try:
+      _check_stage_config(name, scfg, stage_dir)
+    except FCTError as e:
+      state = f"refused: {e}"
+    row = {"stage": name, "kind": scfg.kind, "state": state}
+    line = f"{i}. {name} [{scfg.kind}] {state}"
+    if "data" in scfg and "split" in scfg:
+      n, note = split_size(scfg.data, scfg.split)
+      row.update(split=scfg.split, num_examples=n, size_note=note)
+      size = f"{n:,} examples ({note})" if n is not None else note
+      line += f"\n     data {scfg.data.name}:{scfg.split}: {size}"
+      tc = scfg.get("train")
+      if tc is not None:
+        spe = n // tc.batch_size if n is not None else None
+        if tc.get("steps", 0) > 0:
+          total = int(tc.steps)
+        elif spe:
+          total = int(math.ceil(tc.epochs * spe))
+        else:
+          total = None
+        row.update(batch_size=int(tc.batch_size), epochs=float(tc.epochs), steps_per_epoch=spe, total_steps=total)
+        dur = f"{tc.steps} steps (fixed)" if tc.get("steps", 0) > 0 else f"{tc.epochs:g} epochs"
+        line += (f"\n     train: batch {tc.batch_size}, {dur} → "
+                 f"{f'{spe:,}' if spe is not None else '?'} steps/epoch, "
+                 f"{f'{total:,}' if total is not None else '?'} steps")
+        if spe == 0:
+          line += " (the split is smaller than one batch: the run would stop with an error)"
+      if scfg.kind == "transformation":
+        side = scfg.get("side_info", {})
+        line += (f"\n     from {scfg.get('old', 'old')} → {scfg.get('new', 'new')}, side-info "
+                 f"{side.get('kind', 'none')}{' (' + side.get('stage') + ')' if side.get('stage') else ''}, "
+                 f"features {'cached' if scfg.get('cache_features') else 'online'}")
+      if scfg.kind == "evaluation":
+        compare = ", ".join(scfg.get("compare_transformations", ()))
+        line += (f"\n     h from {scfg.get('transformation')}" + (f"; compared: {compare}" if compare else "")
+                 + f"; report: results.md, results.json, plots in {workdir}")
+    print(line, flush=True)
+    plan.append(row)
+  return plan

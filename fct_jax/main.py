@@ -2,6 +2,7 @@ r"""Command-line entry point.
 
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
   python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.train.epochs=3
+  python -m fct_jax.main --config=configs/imagenet.py --workdir=/tmp/fct_imagenet --dry_run   # the plan only
 
 ``--config`` takes a Python config file and an optional argument after ``:`` (``stage=NAME``, ``runlocal``;
 comma-separated). Any config field can be overridden with ``--config.FIELD=VALUE``. Errors in the user's input
@@ -22,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (created if missing).")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                                  "Call jax.distributed.initialize(): auto = when a multi-host job is detected.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (stages, their state in --workdir, split sizes, "
+                              "steps) without training, writing or reading data.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -63,6 +66,9 @@ def main(argv):
     print(f"error: cannot load config file {path}: {reason}", file=sys.stderr, flush=True)
     sys.exit(2)
   try:
+    if _DRY_RUN.value:
+      experiment.dry_run(config, _WORKDIR.value)
+      return
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
     experiment.run(config, _WORKDIR.value)
   except FCTError as e:

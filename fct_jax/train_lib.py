@@ -46,6 +46,10 @@ class Task:
     evaluate: optional ``evaluate(state) -> dict of floats``, run every ``eval_every_steps`` and at the end.
     transform: per-example training transform ``fn(example, rng) -> example``.
     keys: example fields that go into a batch.
+    batches: optional ``batches(start_step, num_steps) -> iterator`` of this process's numpy slice of each global
+      batch, replacing the per-example grain pipeline for data that is already batched arrays (the
+      transformation's cached features: a fancy-index gather per step instead of one Python call per example).
+      It must be a pure function of the step, like the grain pipeline, so that resume stays exact.
   """
   name: str
   init: Callable
@@ -54,6 +58,7 @@ class Task:
   frozen: Any = None
   evaluate: Optional[Callable] = None
   keys: tuple = ("image", "label")
+  batches: Optional[Callable] = None
 
 
 def steps_for(train_cfg, num_examples: int):
@@ -169,14 +174,19 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
   prefix = f"[{task.name}] "
 
   def batches(start):
+    if task.batches is not None:
+      return (pipeline.to_global(b, mesh) for b in task.batches(start, total))
     it = pipeline.train_batches(source, global_batch_size=tc.batch_size, seed=seed, start_step=start,
                                 num_steps=total, transform=task.transform, keys=task.keys,
                                 num_threads=tc.get("num_data_threads", 2))
     return (pipeline.to_global(b, mesh) for b in it)
 
   # Initialise from the first batch's shapes (no data-dependent init).
-  first = next(pipeline.train_batches(source, global_batch_size=tc.batch_size, seed=seed, start_step=0,
-                                      num_steps=1, transform=task.transform, keys=task.keys, num_threads=1))
+  if task.batches is not None:
+    first = next(iter(task.batches(0, 1)))
+  else:
+    first = next(pipeline.train_batches(source, global_batch_size=tc.batch_size, seed=seed, start_step=0,
+                                        num_steps=1, transform=task.transform, keys=task.keys, num_threads=1))
   example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:], x.dtype), first)
 
   def init_state(rng):

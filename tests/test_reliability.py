@@ -116,3 +116,55 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
   from fct_jax.errors import FCTError
   with pytest.raises(FCTError, match="cannot restore checkpoint step 2"):
     experiment.run(_cfg(ckpt_every=1), wd)
+
+
+# ----------------------------------------------------------------- every trainable stage (slow, end to end)
+
+TRAINABLE = ("backbone", "side_info", "transformation")
+
+
+@pytest.fixture(scope="module")
+def finished_plan(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("plan"))
+  experiment.run(demo.get_config("runlocal"), wd)
+  return wd
+
+
+def _stage_cfg(stage, steps=12):
+  cfg = demo.get_config(f"stage={stage},runlocal")
+  cfg.train.steps, cfg.train.log_every_steps, cfg.train.checkpoint_every_steps = steps, 1, 1
+  return cfg
+
+
+def _copy_without(src, dst, stage):
+  import shutil
+  shutil.copytree(src, dst)
+  shutil.rmtree(os.path.join(dst, stage))
+  return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [s for s in demo.get_config("runlocal").plan
+                                   if demo.get_config("runlocal").stages[s].kind in TRAINABLE])
+def test_sigkill_and_resume_every_stage(stage, finished_plan, tmp_path):
+  ref = _copy_without(finished_plan, str(tmp_path / "ref"), stage)
+  experiment.run(_stage_cfg(stage), ref)
+  wd = _copy_without(finished_plan, str(tmp_path / "killed"), stage)
+  args = [sys.executable, "-u", "-m", "fct_jax.main", f"--config=configs/demo.py:stage={stage},runlocal",
+          f"--workdir={wd}", "--config.train.steps=12", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  kill_at = random.Random(hash(stage) % 1000 + os.getpid()).randint(2, 9)
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith(f"[{stage}] ") and " steps |" in line and int(line.split()[1].split("/")[0]) >= kill_at:
+      break
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert not checkpoint.is_done(os.path.join(wd, stage))
+  proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "resumed from step" in proc.stdout
+  a = jax.tree.map(np.asarray, checkpoint.load_model(os.path.join(wd, stage)))
+  b = jax.tree.map(np.asarray, checkpoint.load_model(os.path.join(ref, stage)))
+  jax.tree.map(np.testing.assert_array_equal, a, b)

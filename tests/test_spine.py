@@ -15,6 +15,7 @@ from fct_jax.errors import FCTError, NonFiniteError
 from fct_jax.stages import backbone, common
 from fct_jax.data import sources
 
+STAGES = ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "eval"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,7 +32,7 @@ def _main(*args, cwd=REPO):
 
 def test_config_forms():
   full = demo.get_config()
-  assert full.stage == "" and list(full.plan) == ["old", "new", "transformation", "eval"]
+  assert full.stage == "" and list(full.plan) == STAGES
   one = demo.get_config("stage=old,runlocal")
   assert one.stage == "old" and one.kind == "backbone" and one.train.steps == 2
   with pytest.raises(ValueError, match="unknown stage"):
@@ -63,12 +64,13 @@ def demo_run(tmp_path_factory):
 
 def test_every_stage_runs_and_writes_results(demo_run):
   wd, ran = demo_run
-  assert ran == ["old", "new", "transformation", "eval"]
+  assert ran == STAGES
   for s in ran:
     assert checkpoint.is_done(os.path.join(wd, s))
     assert os.path.exists(os.path.join(wd, s, "config.json"))
   res = json.load(open(os.path.join(wd, "results.json")))
-  assert set(res["cases"]) == {"old/old", "new/old", "new/new", "h/h", "new/h"}
+  assert {"old/old", "new/old", "new/new", "h/h", "new/h", "new/h[none]", "new/h[simclr]"} <= set(res["cases"])
+  assert res["side_info"] == "simclr" and 0.0 <= res["side_info_analysis"]["simclr:side_info"]["cka_old"] <= 1.0
   for m in res["cases"].values():
     for k in ("cmc_top1", "cmc_top5", "mAP"):
       assert 0.0 <= m[k] <= 100.0

@@ -95,6 +95,22 @@ def resize_bilinear(img: np.ndarray, box, out_h: int, out_w: int) -> np.ndarray:
   return top_row * (1 - wy) + bottom_row * wy
 
 
+def rotated_crop_bilinear(img: np.ndarray, box, angle: float, out_h: int, out_w: int) -> np.ndarray:
+  """Bilinear sample of the crop ``box = (top, left, h, w)`` of ``img`` [H, W, C] rotated by ``angle`` radians
+  about the crop's centre, to [out_h, out_w, C]; points outside the image take the nearest edge pixel."""
+  top, left, h, w = box
+  v = ((np.arange(out_h, dtype=np.float32) + 0.5) / out_h - 0.5)[:, None] * h
+  u = ((np.arange(out_w, dtype=np.float32) + 0.5) / out_w - 0.5)[None, :] * w
+  c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+  ys = np.clip(top + h / 2 - 0.5 + s * u + c * v, 0, img.shape[0] - 1)
+  xs = np.clip(left + w / 2 - 0.5 + c * u - s * v, 0, img.shape[1] - 1)
+  y0, x0 = np.floor(ys).astype(np.int64), np.floor(xs).astype(np.int64)
+  y1, x1 = np.minimum(y0 + 1, img.shape[0] - 1), np.minimum(x0 + 1, img.shape[1] - 1)
+  wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
+  return ((img[y0, x0] * (1 - wx) + img[y0, x1] * wx) * (1 - wy)
+          + (img[y1, x0] * (1 - wx) + img[y1, x1] * wx) * wy)
+
+
 # ITU-R 601 luma weights (torchvision's rgb_to_grayscale).
 _LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
 # RGB ↔ YIQ: hue is the angle in the IQ plane, so a hue shift is a rotation there — one 3×3 matrix per image.
@@ -145,24 +161,31 @@ def gaussian_blur(img: np.ndarray, sigma: float, *, kernel_size: int) -> np.ndar
 
 def simclr_view(image: np.ndarray, rng: np.random.Generator, *, out_size: int = 0, crop_scale=(0.08, 1.0),
                 flip: bool = True, jitter_strength: float = 0.5, jitter_prob: float = 0.8,
-                grayscale_prob: float = 0.2, blur_prob: float = 0.0) -> np.ndarray:
+                grayscale_prob: float = 0.2, blur_prob: float = 0.0, rotation: float = 0.0,
+                max_hue: float = -1.0) -> np.ndarray:
   """One SimCLR view of a uint8 image [H, W, 3] → normalised float32 [S, S, 3] (S = out_size or H).
 
   SimCLR (Chen et al. 2020, appendix A): random resized crop, horizontal flip, colour jitter with strength s
   (brightness/contrast/saturation 0.8·s, hue 0.2·s) applied with probability 0.8, grayscale with probability
   0.2, and Gaussian blur (σ ∈ [0.1, 2.0], kernel 10% of the side) for ImageNet-size images. Their CIFAR recipe
-  uses s = 0.5 and no blur, our default.
+  uses s = 0.5 and no blur, our default. ``rotation`` > 0 (not in SimCLR's default set) also rotates the crop by
+  U(−rotation, rotation) degrees, for data whose orientation is a nuisance (the demo's shapes). ``max_hue`` ≥ 0
+  replaces the hue range 0.2·s (in turns; 0.5 = any hue), for data where hue alone identifies images.
   """
   h, w = image.shape[:2]
   out = out_size or h
   img = image.astype(np.float32) / 255.0
   box = random_resized_crop_box(rng, h, w, scale=tuple(crop_scale))
-  img = resize_bilinear(img, box, out, out)
+  if rotation:
+    img = rotated_crop_bilinear(img, box, np.deg2rad(rng.uniform(-rotation, rotation)), out, out)
+  else:
+    img = resize_bilinear(img, box, out, out)
   if flip and rng.random() < 0.5:
     img = img[:, ::-1]
   s = float(jitter_strength)
   if s and rng.random() < jitter_prob:
-    img = color_jitter(img, rng, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+    hue = 0.2 * s if max_hue < 0 else float(max_hue)
+    img = color_jitter(img, rng, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=hue)
   if rng.random() < grayscale_prob:
     img = np.repeat((img @ _LUMA)[..., None], 3, axis=-1)
   if blur_prob and rng.random() < blur_prob:

@@ -54,8 +54,21 @@ class SplitInfo:
 
 def _shapes_source(cfg, split: str) -> Tuple[ArraySource, SplitInfo]:
   sizes = {"old_train": cfg.num_old_train, "new_train": cfg.num_new_train, "eval": cfg.num_eval}
+  m = _TRAIN_K.match(split)
+  if m:
+    # Update sequences (v1 → v2 → v3): the new_train images of the first K shapes, labelled (shape, colour); the
+    # labels are those of new_train, so class ids nest across versions like ImageNet's first-K-classes subsets.
+    k = int(m.group(1))
+    if not 1 <= k <= len(shapes.SHAPES):
+      raise FCTError(f"split {split!r}: K must be in [1, {len(shapes.SHAPES)}] shapes")
+    full = shapes.make_split("new_train", num_examples=int(cfg.num_new_train), seed=int(cfg.seed),
+                             image_size=int(cfg.image_size), num_old_shapes=int(cfg.num_old_shapes))
+    keep = full["shape"] < k
+    src = ArraySource({key: v[keep] for key, v in full.items()})
+    return src, SplitInfo(len(src), k * len(shapes.COLOURS), int(cfg.image_size))
   if split not in sizes:
-    raise FCTError(f"unknown split {split!r} for dataset 'shapes'; valid: {', '.join(sizes)}")
+    raise FCTError(f"unknown split {split!r} for dataset 'shapes'; valid: {', '.join(sizes)}, train_<K> (the "
+                   "first K shapes of new_train)")
   arrays = shapes.make_split(split, num_examples=int(sizes[split]), seed=int(cfg.seed),
                              image_size=int(cfg.image_size), num_old_shapes=int(cfg.num_old_shapes))
   src = ArraySource(arrays)

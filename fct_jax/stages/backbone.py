@@ -3,10 +3,16 @@
 The stage config names the training split (``old_train`` / ``new_train``): the old model sees the old classes
 only. Periodic evaluation reports retrieval CMC top-1 and mAP of the current embedding on the evaluation split
 (query = gallery, self excluded).
+
+BCT (Shen et al. 2020), the paper's baseline: with ``cfg.bct.old`` naming a finished backbone stage, the loss gains
+``cfg.bct.weight`` × the *influence loss* — cross-entropy of the new embedding through the old model's frozen
+classifier, extended to the classes the old model never saw with the old model's class means of those classes
+(old-model features of the stage's own training images). The old classifier is a frozen input of the step
+(``Task.frozen``), never differentiated nor saved; the new embedding width must equal the old one.
 """
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fct_jax import checkpoint, losses, retrieval, train_lib
 from fct_jax.data import augment, sources
@@ -14,19 +20,29 @@ from fct_jax.errors import FCTError
 from fct_jax.stages import common
 
 
-def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, mesh=None) -> train_lib.Task:
+def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, mesh=None,
+              old_classifier=None) -> train_lib.Task:
+  """The backbone :class:`train_lib.Task`; with ``old_classifier`` ([D, C] frozen kernel) it is BCT's."""
   ls = float(cfg.loss.get("label_smoothing", 0.0))
+  bct_weight = float(cfg.get("bct", {}).get("weight", 1.0)) if old_classifier is not None else 0.0
 
   def init(rng, batch):
     return model.init({"params": rng}, batch["image"], train=False)
 
   def loss(params, model_state, frozen, batch, rng, step):
-    del frozen, rng, step
+    del rng, step
     out, updates = model.apply({"params": params, **model_state}, batch["image"], train=True,
                                mutable=["batch_stats"])
     l = losses.softmax_cross_entropy(logits=out["logits"], labels=batch["label"], label_smoothing=ls)
     acc = jnp.mean(jnp.argmax(out["logits"], -1) == batch["label"])
-    return l, ({"train_accuracy": acc}, dict(updates))
+    metrics = {"train_accuracy": acc}
+    if old_classifier is not None:
+      # Label smoothing as for the new classifier (BCT uses the same classification loss for both terms).
+      influence = losses.bct_influence_loss(new_embedding=out["embedding"], old_classifier=frozen["old_classifier"],
+                                            labels=batch["label"], label_smoothing=ls)
+      metrics["ce_loss"], metrics["influence_loss"] = l, influence
+      l = l + bct_weight * influence
+    return l, (metrics, dict(updates))
 
   evaluate = None
   if eval_source is not None:
@@ -40,8 +56,40 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
 
   if cfg.augment not in augment.TRAIN_TRANSFORMS:
     raise FCTError(f"unknown augment {cfg.augment!r}; valid: {', '.join(augment.TRAIN_TRANSFORMS)}")
+  frozen = None if old_classifier is None else {"old_classifier": old_classifier}
   return train_lib.Task(name=cfg.name, init=init, loss=loss, transform=augment.TRAIN_TRANSFORMS[cfg.augment],
-                        evaluate=evaluate)
+                        evaluate=evaluate, frozen=frozen)
+
+
+def bct_old_classifier(cfg, ctx: common.Context, source, num_classes: int, embedding_dim: int) -> np.ndarray:
+  """BCT's frozen classifier [D, num_classes]: the old model's, extended with its class means for new classes.
+
+  Class means are of old-model embeddings (eval transform) of ``source`` (the new training set), so a new class
+  is represented where the old model puts its images.
+
+  ml-fct: the reference repository has no BCT; this follows Shen et al. (2020) as the FCT paper describes it.
+  On the demo data the old classes (colours) are not the first new classes (circle × colour): the old columns are
+  kept as they are, as with ImageNet-500 ⊂ ImageNet-1k.
+  """
+  old_stage = cfg.bct.old
+  module, variables, old_cfg = common.load_backbone(ctx, old_stage, cfg.name)
+  kernel = variables.get("params", {}).get("classifier", {}).get("kernel")
+  if kernel is None:
+    raise FCTError(f"stage {cfg.name!r}: BCT needs the old model's classifier, but stage {old_stage!r} has none "
+                   "(params['classifier']['kernel'])")
+  kernel = np.asarray(kernel, np.float32)
+  if kernel.shape[0] != embedding_dim:
+    raise FCTError(f"stage {cfg.name!r}: BCT needs equal embedding widths, but the new model is {embedding_dim}-d "
+                   f"and old stage {old_stage!r} is {kernel.shape[0]}-d; set model.embedding_dim={kernel.shape[0]}")
+  if kernel.shape[1] > num_classes:
+    raise FCTError(f"stage {cfg.name!r}: BCT needs the new classes to extend the old ones, but the old model has "
+                   f"{kernel.shape[1]} classes and the new training split {num_classes}")
+  old_emb = common.embed(module, variables, source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
+                         mesh=ctx.mesh, transform=common.eval_transform(old_cfg))
+  common.check_finite_embeddings(old_emb, f"old-model embeddings for BCT in stage {cfg.name!r}")
+  sums, counts = losses.class_feature_sums(features=old_emb, labels=common.source_labels(source),
+                                           num_classes=num_classes)
+  return np.asarray(losses.bct_extend_classifier(old_classifier=kernel, feature_sums=sums, counts=counts))
 
 
 def run(cfg, stage_dir: str, ctx: common.Context):
@@ -52,7 +100,12 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   if cfg.get("eval_split"):
     eval_source, _ = sources.get_source(cfg.data, cfg.eval_split)
     eval_labels = common.source_labels(eval_source)
-  task = make_task(cfg, model, info.num_classes, eval_source, eval_labels, ctx.mesh)
+  old_classifier = None
+  if cfg.get("bct", {}).get("old"):
+    old_classifier = bct_old_classifier(cfg, ctx, source, info.num_classes, int(cfg.model.embedding_dim))
+    print(f"[{cfg.name}] BCT: influence loss (weight {float(cfg.bct.weight)}) through the frozen classifier of "
+          f"{cfg.bct.old!r}, extended to {old_classifier.shape[1]} classes with old-model class means", flush=True)
+  task = make_task(cfg, model, info.num_classes, eval_source, eval_labels, ctx.mesh, old_classifier)
   state, history = train_lib.train(cfg=cfg, workdir=stage_dir, task=task, source=source, mesh=ctx.mesh,
                                    stop_at_step=ctx.stop_at_step)
   if int(state["step"]) < train_lib.steps_for(cfg.train, len(source))[1]:

@@ -3,7 +3,8 @@
 Embeds the evaluation images with φ_old and φ_new, upgrades the old "gallery" with h(φ_old, ψ) — from stored
 vectors only, no images, exactly as a production upgrade would — and reports CMC top-1/top-5 and mAP (percent)
 for the cases old/old, new/old, new/new, h/h and new/h (query model / gallery model; the evaluation set is both
-query and gallery, each query's own item removed). Writes ``results.json`` and ``results.md`` into the experiment
+query and gallery, each query's own item removed), and with ``cfg.bct`` (a BCT backbone stage) the baseline's
+rows bct-new/old and bct-new/bct-new. Writes ``results.json`` and ``results.md`` into the experiment
 workdir and prints the table.
 
 ψ is computed for the evaluation images by the side-info model the transformation was trained with (zeros for
@@ -39,6 +40,12 @@ def run(cfg, stage_dir: str, ctx: common.Context):
                              transform=common.eval_transform(cfg))
     common.check_finite_embeddings(emb[role], f"{role} embeddings")
   cases = [tuple(c) for c in DEFAULT_CASES]
+  if cfg.get("bct"):  # the BCT baseline: φ_new^BCT against the old gallery, and against itself
+    module, variables, _ = common.load_backbone(ctx, cfg.bct, cfg.name)
+    emb["bct-new"] = common.embed(module, variables, source, batch_size=bs, mesh=ctx.mesh,
+                                  transform=common.eval_transform(cfg))
+    common.check_finite_embeddings(emb["bct-new"], "BCT new-model embeddings")
+    cases += [("bct-new", "old"), ("bct-new", "bct-new")]
   psi_cache, transformed, kinds = {}, {}, {}
 
   def upgrade(stage):
@@ -78,6 +85,10 @@ def run(cfg, stage_dir: str, ctx: common.Context):
       probes = " ".join(f"{f}: ψ {a['knn_top1'][f]:.1f} / old {a['knn_top1_old'][f]:.1f} / new "
                         f"{a['knn_top1_new'][f]:.1f}" for f in a["knn_top1"])
       print(f"[{cfg.name}] side-info {name}: CKA(φ_old, ψ) {a['cka_old']:.3f}; 1-NN top-1 % {probes}", flush=True)
+  # The experiment's report (results.md/.json with CMC curves, CKA, cost, backfilling, plots) replaces the plain
+  # table in the experiment workdir; every process computes (the kernel's mesh may span hosts), process 0 writes.
+  from fct_jax import report  # pylint: disable=g-import-not-at-top
+  report.write(ctx.workdir, payload, emb, labels, cfg=cfg, mesh=ctx.mesh)
   return True
 
 

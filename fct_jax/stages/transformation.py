@@ -1,8 +1,20 @@
-"""Transformation stage: h(φ_old(x), ψ(x)) ≈ φ_new(x), trained with the L2 (MSE) loss on the new training set.
+"""Transformation stage: h(φ_old(x), ψ(x)) ≈ φ_new(x) — or, for update sequences, g(φ_i, ψ_i) ≈ ψ_{i+1} — trained
+with the L2 (MSE) loss on the new training set.
 
-φ_old and φ_new (and ψ, when side-information is configured) are loaded frozen from their stage workdirs and
-rebuilt from the configs that trained them. Features are computed online from augmented images every step, as in
-ml-fct, or — with ``cache_features=True`` and no augmentation — once before training (the log says which ran).
+The input models (φ_old = ``cfg.old``, a backbone stage; ψ, see below) and the target (``cfg.new``) are loaded
+frozen from their stage workdirs and rebuilt from the configs that trained them. The target is a backbone stage
+(φ_new: the transformation h) or a side_info stage (ψ_{i+1}: the paper's g for a sequence v_i → v_{i+1}, §4.4,
+same architecture and loss).
+
+Feature modes (``cfg.feature_mode``; the log and the evaluation results say which ran):
+
+* ``online`` (ml-fct's): every step, the augmented images (``cfg.augment``) go through the frozen models.
+* ``cached`` (ours): the frozen models' features of ``cfg.cache_views`` augmented views of every training image
+  are computed once (batches sharded over the devices), stored in ``stage_dir/features`` (a resumed stage reuses
+  them), and h trains on those vectors: an epoch then costs an MLP step per batch instead of three image models.
+  With ``augment="none"`` one view gives exactly the online mode's features.
+
+BatchNorm of h is switched to eval mode after ``bn_eval_after`` × the total steps (ml-fct: the second half).
 
 Side-information (``cfg.side_info``: ``kind``, ``dim``, ``stage``): ``kind="none"`` feeds ψ(x) = 0 (with
 ``dim=0`` the side branch is absent and its half of the mixer input is zeros, the paper's "no side-info" row); any
@@ -11,17 +23,26 @@ other kind (``simclr``, ``autoencoder``, ``alt_old``, ``alt_old_mixup``) loads t
 otherwise the stage stops with a one-line error before training.
 """
 
+import dataclasses
+import io
+import os
+import time
+from typing import Any, Callable, Dict
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax.core import unfreeze
 
-from fct_jax import checkpoint, losses, models, train_lib
+from fct_jax import checkpoint, losses, models, sharding, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common, side_info
 
 SIDE_INFO_KINDS = ("none",) + side_info.METHODS
+FEATURE_MODES = ("online", "cached")
+FEATURE_KEYS = ("old", "psi", "new")
 
 
 def build_h(cfg, old_dim: int, new_dim: int):
@@ -48,54 +69,186 @@ def load_side_info(cfg, ctx) -> side_info.SideInfo:
   return psi
 
 
-def load_frozen(cfg, ctx):
-  """Loads φ_old, φ_new and ψ: returns (modules, frozen variables, dims, side-info)."""
+@dataclasses.dataclass
+class Frozen:
+  """The frozen models of a transformation stage.
+
+  Attributes:
+    apply: ``apply(variables, images [B, H, W, 3]) -> (old [B, d_old], psi [B, d_side], target [B, d_new])``.
+    variables: ``{"old", "side", "new"}`` frozen variables.
+    dims: ``{"old", "new"}`` widths (``new``: the target's, φ_new or ψ_{i+1}).
+    side: the input side-information model.
+    target_kind: ``"backbone"`` (h) or ``"side_info"`` (g).
+  """
+  apply: Callable
+  variables: Dict[str, Any]
+  dims: Dict[str, int]
+  side: side_info.SideInfo
+  target_kind: str
+
+
+def target_kind(cfg, ctx) -> str:
+  """``"backbone"`` when ``cfg.new`` is φ_new (h), ``"side_info"`` when it is ψ_{i+1} (g)."""
+  d = common.upstream_dir(ctx, cfg.new, cfg.name)
+  kind = checkpoint.read_json(os.path.join(d, "config.json")).get("kind")
+  if kind not in ("backbone", "side_info"):
+    raise FCTError(f"stage {cfg.name!r}: target {cfg.new!r} must be a backbone (h) or side_info (g) stage, not "
+                   f"{kind!r}")
+  return kind
+
+
+def load_frozen(cfg, ctx) -> Frozen:
+  """Loads φ_old, ψ and the target (φ_new, or ψ_{i+1} for g) frozen."""
   old_model, old_vars, old_cfg = common.load_backbone(ctx, cfg.old, cfg.name)
-  new_model, new_vars, new_cfg = common.load_backbone(ctx, cfg.new, cfg.name)
   psi = load_side_info(cfg, ctx)
-  return ({"old": old_model, "new": new_model}, {"old": old_vars, "new": new_vars, "side": psi.variables},
-          {"old": int(old_cfg.model.embedding_dim), "new": int(new_cfg.model.embedding_dim)}, psi)
-
-
-def run(cfg, stage_dir: str, ctx: common.Context):
-  """Trains h and saves its variables to ``stage_dir/model``."""
-  modules, frozen, dims, side = load_frozen(cfg, ctx)
-  h = build_h(cfg, dims["old"], dims["new"])
-  source, _ = sources.get_source(cfg.data, cfg.split)
-  _, total = train_lib.steps_for(cfg.train, len(source))
-  # ml-fct: BatchNorm of h is switched to eval mode for the second half of training (switch_mode_to_eval).
-  switch_step = int(round(float(cfg.get("bn_eval_after", 0.5)) * total))
-
-  def features(frozen, images):
-    old = modules["old"].apply(frozen["old"], images, train=False)["embedding"]
-    new = modules["new"].apply(frozen["new"], images, train=False)["embedding"]
-    return jax.lax.stop_gradient((old, side.apply(frozen["side"], images), new))
-
-  if cfg.augment not in augment.TRAIN_TRANSFORMS:
-    raise FCTError(f"unknown augment {cfg.augment!r}; valid: {', '.join(augment.TRAIN_TRANSFORMS)}")
-  if cfg.get("cache_features", False):
-    # Cached-feature mode (our addition; ml-fct recomputes features every step): without augmentation the
-    # frozen models' outputs are a fixed function of each image, so one pass over the split gives exactly the
-    # features the online mode would compute, and h then trains on vectors — much faster.
-    if cfg.augment != "none":
-      raise FCTError(f"stage {cfg.name!r}: cache_features needs augment='none' (cached features are of "
-                     f"un-augmented images), got augment={cfg.augment!r}")
-    print(f"[{cfg.name}] caching φ_old, ψ ({side.method}), φ_new features of {len(source)} images", flush=True)
-    feats = train_lib.predict(lambda v, b: dict(zip(("old", "psi", "new"), features(v, b["image"]))), frozen,
-                              source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
-                              transform=augment.eval_transform, mesh=ctx.mesh)
-    train_source, task_frozen, keys = sources.ArraySource(feats), None, ("old", "psi", "new")
-    batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
-    transform = lambda example, rng: example
+  kind = target_kind(cfg, ctx)
+  if kind == "backbone":
+    new_model, new_vars, new_cfg = common.load_backbone(ctx, cfg.new, cfg.name)
+    new_dim = int(new_cfg.model.embedding_dim)
+    new_apply = lambda v, images: new_model.apply(v, images, train=False)["embedding"]
   else:
-    print(f"[{cfg.name}] φ_old, ψ ({side.method}), φ_new features computed online every step", flush=True)
-    train_source, task_frozen, keys = source, frozen, ("image",)
-    batch_features = lambda frz, batch: features(frz, batch["image"])
-    transform = augment.TRAIN_TRANSFORMS[cfg.augment]
+    nxt = side_info.load(ctx, cfg.new, cfg.name)
+    new_dim, new_vars, new_apply = nxt.dim, nxt.variables, nxt.apply
 
-  def init(rng, batch):
-    old, psi, _ = jax.eval_shape(lambda: batch_features(frozen, batch))
-    return h.init({"params": rng}, jnp.zeros(old.shape), jnp.zeros(psi.shape), train=False)
+  def apply(v, images):
+    old = old_model.apply(v["old"], images, train=False)["embedding"]
+    return jax.lax.stop_gradient((old, psi.apply(v["side"], images), new_apply(v["new"], images)))
+
+  return Frozen(apply, {"old": old_vars, "side": psi.variables, "new": new_vars},
+                {"old": int(old_cfg.model.embedding_dim), "new": new_dim}, psi, kind)
+
+
+def feature_mode(cfg) -> str:
+  """The configured feature mode; ``cache_features=True`` (older configs) means ``cached``."""
+  mode = cfg.get("feature_mode", "cached" if cfg.get("cache_features", False) else "online")
+  if mode not in FEATURE_MODES:
+    raise FCTError(f"stage {cfg.name!r}: unknown feature_mode {mode!r}; valid: {', '.join(FEATURE_MODES)}")
+  return mode
+
+
+def bn_eval_step(cfg, total_steps: int) -> int:
+  """The first step (0-based) at which h's BatchNorm runs in eval mode."""
+  # ml-fct: BatchNorm of h is switched to eval mode for the second half of training (switch_mode_to_eval).
+  return int(round(float(cfg.get("bn_eval_after", 0.5)) * total_steps))
+
+
+def check_feature_dims(cfg, feats: Dict[str, np.ndarray], dims: Dict[str, int], where: str):
+  """One-line error when stored features do not fit h (widths d_old, d_side, d_new)."""
+  want = {"old": (dims["old"], f"φ_old of stage {cfg.old!r}"),
+          "psi": (int(cfg.side_info.dim), f"ψ side_info.dim"),
+          "new": (dims["new"], f"target of stage {cfg.new!r}")}
+  for k, (d, what) in want.items():
+    got = feats[k].shape[-1] if np.ndim(feats[k]) == 2 else None
+    if got != d:
+      raise FCTError(f"stage {cfg.name!r}: {where} has {k!r} features of width {got} but h expects {d} ({what}); "
+                     f"delete {where} to recompute them")
+
+
+# ------------------------------------------------------------------------------------------- cached features
+
+
+class AugmentedViews:
+  """Random-access source of ``views`` augmented copies of every example: index ``k·N + i`` is view k of image i.
+
+  Each view's randomness is a fixed function of (seed, k, i), so a recomputation gives the same features.
+  """
+
+  def __init__(self, source, transform: Callable, views: int, seed: int):
+    self.source, self.transform, self.views, self.seed = source, transform, int(views), int(seed)
+
+  def __len__(self):
+    return self.views * len(self.source)
+
+  def __getitem__(self, j):
+    k, i = divmod(int(j), len(self.source))
+    return self.transform(self.source[i], np.random.default_rng([self.seed, k, i]))
+
+
+def _save_npy(path: str, arr: np.ndarray):
+  buf = io.BytesIO()
+  np.save(buf, arr)
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_bytes(buf.getvalue())
+  tmp.replace(epath.Path(path))
+
+
+def _load_npy(path: str) -> np.ndarray:
+  return np.load(io.BytesIO(epath.Path(path).read_bytes()))
+
+
+def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[str, np.ndarray]:
+  """φ_old, ψ and target features [N·K, d] of K augmented views per image: computed once, stored, reused.
+
+  The computation is :func:`train_lib.predict` (batches sharded over the mesh, results on every process);
+  process 0 writes ``stage_dir/features/{old,psi,new}.npy`` and ``meta.json``.
+  """
+  views = int(cfg.get("cache_views", 1))
+  if views < 1:
+    raise FCTError(f"stage {cfg.name!r}: cache_views must be ≥ 1, got {views}")
+  fdir = checkpoint.join(stage_dir, "features")
+  meta_path = checkpoint.join(fdir, "meta.json")
+  meta = {"views": views, "num_images": len(source), "augment": cfg.augment, "seed": int(cfg.seed)}
+  if _cached_meta_matches(meta_path, meta):
+    feats = {k: _load_npy(checkpoint.join(fdir, f"{k}.npy")) for k in FEATURE_KEYS}
+    print(f"[{cfg.name}] reusing {len(feats['old'])} cached feature rows from {fdir}", flush=True)
+    return feats
+  t0 = time.perf_counter()
+  views_source = AugmentedViews(source, augment.TRAIN_TRANSFORMS[cfg.augment], views, int(cfg.seed) + 101)
+  feats = train_lib.predict(lambda v, b: dict(zip(FEATURE_KEYS, frozen.apply(v, b["image"]))), frozen.variables,
+                            views_source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
+                            transform=lambda ex: ex, mesh=ctx.mesh)
+  for k in FEATURE_KEYS:
+    common.check_finite_embeddings(feats[k], f"cached {k} features of stage {cfg.name!r}")
+  seconds = time.perf_counter() - t0
+  if jax.process_index() == 0:
+    epath.Path(fdir).mkdir(parents=True, exist_ok=True)
+    for k in FEATURE_KEYS:
+      _save_npy(checkpoint.join(fdir, f"{k}.npy"), feats[k].astype(np.float32))
+  checkpoint.write_json(meta_path, {**meta, "seconds": seconds})  # written last: marks the cache complete
+  sharding.barrier(f"fct_{cfg.name}_features")
+  print(f"[{cfg.name}] cached features of {views} view(s) × {len(source)} images in {seconds:.1f}s "
+        f"({fdir})", flush=True)
+  return feats
+
+
+def _cached_meta_matches(meta_path: str, meta: dict) -> bool:
+  if not checkpoint.exists(meta_path):
+    return False
+  held = checkpoint.read_json(meta_path)
+  return {k: held.get(k) for k in meta} == meta
+
+
+def cached_batches(feats: Dict[str, np.ndarray], *, batch_size: int, seed: int):
+  """``batches(start_step, num_steps)`` for :class:`train_lib.Task`: global step s takes positions
+  ``[s·B, (s+1)·B)`` of a stream of per-epoch permutations of the feature rows (like the grain pipeline), this
+  process its contiguous slice. A pure function of the step, so resume is exact."""
+  m = len(feats["old"])
+  p, n_proc = jax.process_index(), jax.process_count()
+  b = batch_size // n_proc
+  perms = {}
+
+  def perm(epoch):
+    if epoch not in perms:
+      if len(perms) > 2:
+        perms.clear()
+      perms[epoch] = np.random.default_rng([seed, epoch]).permutation(m)
+    return perms[epoch]
+
+  def batches(start_step, num_steps):
+    for step in range(start_step, num_steps):
+      pos = step * batch_size + p * b + np.arange(b)
+      epoch, within = pos // m, pos % m
+      idx = np.concatenate([perm(e)[within[epoch == e]] for e in np.unique(epoch)])
+      yield {k: feats[k][idx] for k in FEATURE_KEYS}
+
+  return batches
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+
+def make_loss(h, batch_features: Callable, switch_step: int):
+  """The L2 loss of h, with BatchNorm in train mode before ``switch_step`` and in eval mode from it on."""
 
   def loss(params, model_state, frz, batch, rng, step):
     del rng
@@ -108,10 +261,46 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     def eval_mode():
       return h.apply({"params": params, **model_state}, old, psi, train=False)["embedding"], unfreeze(model_state)
 
-    pred, new_state = jax.lax.cond(step < switch_step, train_mode, eval_mode)
-    return losses.l2_transformation_loss(pred=pred, target=new), ({}, new_state)
+    bn_train = step < switch_step
+    pred, new_state = jax.lax.cond(bn_train, train_mode, eval_mode)
+    return losses.l2_transformation_loss(pred=pred, target=new), ({"bn_train_mode": bn_train.astype(jnp.float32)},
+                                                                   new_state)
 
-  task = train_lib.Task(name=cfg.name, init=init, loss=loss, frozen=task_frozen, keys=keys, transform=transform)
+  return loss
+
+
+def run(cfg, stage_dir: str, ctx: common.Context):
+  """Trains h (or g) and saves its variables to ``stage_dir/model``."""
+  frozen = load_frozen(cfg, ctx)
+  h = build_h(cfg, frozen.dims["old"], frozen.dims["new"])
+  source, _ = sources.get_source(cfg.data, cfg.split)
+  mode = feature_mode(cfg)
+  if cfg.augment not in augment.TRAIN_TRANSFORMS:
+    raise FCTError(f"unknown augment {cfg.augment!r}; valid: {', '.join(augment.TRAIN_TRANSFORMS)}")
+  what = "h: φ_new" if frozen.target_kind == "backbone" else "g: ψ_{i+1}"
+  if mode == "cached":
+    feats = cached_features(cfg, stage_dir, ctx, frozen, source)
+    check_feature_dims(cfg, feats, frozen.dims, checkpoint.join(stage_dir, "features"))
+    # An epoch is still one pass's worth of the N training images (each step draws from the N·K cached views), so
+    # a schedule in epochs means the same number of steps in both modes.
+    train_source = sources.ArraySource({"index": np.arange(len(source))})
+    batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
+    task_kw = dict(frozen=None, keys=FEATURE_KEYS, transform=lambda ex, rng: ex,
+                   batches=cached_batches(feats, batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
+  else:
+    train_source = source
+    batch_features = lambda frz, batch: frozen.apply(frz, batch["image"])
+    task_kw = dict(frozen=frozen.variables, keys=("image",), transform=augment.TRAIN_TRANSFORMS[cfg.augment])
+  _, total = train_lib.steps_for(cfg.train, len(train_source))
+  switch_step = bn_eval_step(cfg, total)
+  print(f"[{cfg.name}] {what} from φ_old ({cfg.old}) and ψ ({frozen.side.method}); feature_mode={mode} "
+        f"(augment={cfg.augment}); BatchNorm eval mode from step {switch_step} of {total}", flush=True)
+
+  def init(rng, batch):
+    old, psi, _ = jax.eval_shape(lambda: batch_features(frozen.variables, batch))
+    return h.init({"params": rng}, jnp.zeros(old.shape), jnp.zeros(psi.shape), train=False)
+
+  task = train_lib.Task(name=cfg.name, init=init, loss=make_loss(h, batch_features, switch_step), **task_kw)
   state, _ = train_lib.train(cfg=cfg, workdir=stage_dir, task=task, source=train_source, mesh=ctx.mesh,
                              stop_at_step=ctx.stop_at_step)
   if int(state["step"]) < total:
@@ -121,21 +310,27 @@ def run(cfg, stage_dir: str, ctx: common.Context):
 
 
 def load_h(ctx, stage: str, needed_by: str):
-  """A finished transformation stage: ``(transform, cfg, side_info)``.
+  """A finished transformation stage (h or g): ``(transform, cfg, side_info)``.
 
-  ``transform(old [N, d_old], psi [N, d_side]) -> [N, d_new]`` numpy (h in eval mode, in batches);
-  ``side_info`` is its frozen :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images).
+  ``transform(old [N, d_old], psi [N, d_side]) -> [N, d_new]`` numpy (eval mode, in batches; a one-line
+  :class:`FCTError` when the stored vectors' widths do not fit); ``side_info`` is its frozen input
+  :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images).
   """
   cfg, variables = common.load_stage(ctx, stage, needed_by)
   if cfg.kind != "transformation":
     raise FCTError(f"stage {needed_by!r} expects {stage!r} to be a transformation stage, not {cfg.kind!r}")
-  _, _, dims, psi = load_frozen(cfg, ctx)
-  h = build_h(cfg, dims["old"], dims["new"])
+  frozen = load_frozen(cfg, ctx)
+  h = build_h(cfg, frozen.dims["old"], frozen.dims["new"])
   apply = jax.jit(lambda v, old, psi: h.apply(v, old, psi, train=False)["embedding"])
+  side_dim = int(cfg.side_info.dim)
 
   def transform(old: np.ndarray, psi: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    for name, x, d in (("φ_old", old, frozen.dims["old"]), ("ψ", psi, side_dim)):
+      if np.ndim(x) != 2 or x.shape[1] != d:
+        raise FCTError(f"{needed_by}: transformation {stage!r} takes {d}-d {name} but got an array of shape "
+                       f"{tuple(np.shape(x))}")
     outs = [np.asarray(apply(variables, old[i:i + batch_size], psi[i:i + batch_size]))
             for i in range(0, len(old), batch_size)]
     return np.concatenate(outs)
 
-  return transform, cfg, psi
+  return transform, cfg, frozen.side

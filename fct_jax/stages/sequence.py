@@ -1,0 +1,99 @@
+"""Sequence-evaluation stage: retrieval through a sequence of model updates v1 → v2 → v3 (the paper's Table 5).
+
+Every row ranks the evaluation set embedded by a *query* backbone against a *gallery* built the way a production
+system would: stored φ_1(x), ψ_1(x) of the first model version, upgraded hop by hop without images. A hop is a
+pair ``[h, g]`` of transformation stages: φ ← h(φ, ψ) and, when a later hop needs side-information, ψ ← g(φ, ψ)
+(both from the *previous* φ, ψ; the paper's h_{i+1}(φ_i, ψ_i), g_{i+1}(φ_i, ψ_i)). A hop without g leaves no ψ, so
+the next hop's h must take none (``side_info.kind = "none"``: zeros).
+
+Config (``configs/common.sequence_evaluation_stage``): ``backbones`` (stage names evaluated against themselves:
+φ_i/φ_i) and ``rows``: ``{"name", "query", "hops"}``; e.g. ``v3/h3(h2(v1))`` is ``query="v3"``,
+``hops=[["h2", "g2"], ["h3", ""]]``. Writes ``results.json`` / ``results.md`` into the stage and experiment dirs.
+"""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from fct_jax import checkpoint
+from fct_jax.data import sources
+from fct_jax.errors import FCTError
+from fct_jax.retrieval import cases as cases_lib
+from fct_jax.stages import common, transformation
+
+
+def run(cfg, stage_dir: str, ctx: common.Context):
+  source, _ = sources.get_source(cfg.data, cfg.split)
+  labels = common.source_labels(source)
+  bs = common.eval_batch_size(cfg, ctx.mesh)
+  emb, psi_cache, hs = {}, {}, {}
+
+  def backbone(stage):
+    if stage not in emb:
+      module, variables, _ = common.load_backbone(ctx, stage, cfg.name)
+      emb[stage] = common.embed(module, variables, source, batch_size=bs, mesh=ctx.mesh,
+                                transform=common.eval_transform(cfg))
+      common.check_finite_embeddings(emb[stage], f"{stage} embeddings")
+    return emb[stage]
+
+  def load(stage):
+    if stage not in hs:
+      hs[stage] = transformation.load_h(ctx, stage, cfg.name)
+    return hs[stage]
+
+  def stored(stage):
+    """φ_1, ψ_1 of the eval images as stored at v1 time, for the first hop's transformation."""
+    _, tcfg, side = load(stage)
+    key = side.stage or f"none{side.dim}"
+    if key not in psi_cache:
+      psi_cache[key] = side.embed(source, batch_size=bs, mesh=ctx.mesh)
+    return backbone(tcfg.old), psi_cache[key]
+
+  gallery = {}
+  for stage in cfg.backbones:
+    gallery[stage] = backbone(stage)
+  cases = [(s, s) for s in cfg.backbones]
+  rows = [ml_collections.ConfigDict(dict(r)) for r in cfg.rows]  # list items stay plain dicts in a ConfigDict
+  for row in rows:
+    q, _, gname = row.name.partition("/")
+    if q != row.query or not gname or gname in cfg.backbones:
+      raise FCTError(f"stage {cfg.name!r}: row name {row.name!r} must be '<query>/<gallery>' with query "
+                     f"{row.query!r} and a gallery name that is not a backbone")
+    hops = [list(h) for h in row.hops]
+    if not hops:
+      raise FCTError(f"stage {cfg.name!r}: row {row.name!r} has no hops")
+    phi, psi = stored(hops[0][0])
+    for i, (h_stage, g_stage) in enumerate(hops):
+      h, tcfg, _ = load(h_stage)
+      if psi is None:
+        if int(tcfg.side_info.dim) > 0:
+          raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {h_stage!r} takes side-information but the "
+                         f"previous hop has no g stage to carry ψ forward")
+        psi = np.zeros((len(phi), 0), np.float32)
+      new_psi = None
+      if g_stage:
+        g, gcfg, _ = load(g_stage)
+        if transformation.target_kind(gcfg, ctx) != "side_info":
+          raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {g_stage!r} is an h (its target {gcfg.new!r} "
+                         "is a backbone), not a g")
+        new_psi = g(phi, psi)
+      phi, psi = h(phi, psi), new_psi
+      common.check_finite_embeddings(phi, f"row {row.name!r} after hop {i + 1}")
+    gallery[gname] = phi
+    gallery.setdefault(row.query, backbone(row.query))
+    cases.append((row.query, gname))
+
+  results = cases_lib.evaluate_cases(gallery, labels, cases)
+  table = cases_lib.format_markdown_table(results)
+  payload = {"cases": results, "num_eval": int(len(labels)),
+             "rows": {r.name: {"query": r.query, "hops": [list(h) for h in r.hops]} for r in rows},
+             "feature_mode": {s: transformation.feature_mode(c) for s, (_, c, _) in hs.items()}}
+  if jax.process_index() == 0:
+    for d in (stage_dir, ctx.workdir):
+      checkpoint.write_json(os.path.join(d, "results.json"), payload)
+      with open(os.path.join(d, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table, flush=True)
+  return True

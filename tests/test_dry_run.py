@@ -1,0 +1,83 @@
+"""``--dry_run``: every dataset config prints its plan, reads no data and writes nothing."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fct_jax import checkpoint, experiment
+from fct_jax.data import shapes, sources, tfds_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("demo", "cifar100", "imagenet", "places365", "vggface2", "digits")
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+  """Any attempt to open or generate a dataset fails the test."""
+  def touched(*a, **k):
+    raise AssertionError(f"dry run touched data: {a}")
+  monkeypatch.setattr(sources, "get_source", touched)
+  monkeypatch.setattr(tfds_source, "open_split", touched)
+  monkeypatch.setattr(shapes, "make_split", touched)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
+  config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  wd = tmp_path / "wd"
+  plan = experiment.dry_run(config, str(wd))
+  out = capsys.readouterr().out
+  assert not wd.exists()
+  assert [r["stage"] for r in plan] == list(config.plan)
+  assert all(r["state"] == "to run" for r in plan)
+  for i, r in enumerate(plan, 1):
+    assert f"{i}. {r['stage']} [{r['kind']}] to run" in out
+    if "total_steps" in r and r["num_examples"] is not None:
+      assert r["steps_per_epoch"] == r["num_examples"] // r["batch_size"]
+      assert r["total_steps"] > 0 and f"{r['total_steps']:,} steps" in out
+  if name not in ("places365", "vggface2") or arg:  # their old_train counts need the label index
+    assert all(r.get("num_examples") is not None for r in plan if "split" in r), plan
+
+
+def test_known_sizes_and_unknown_ones():
+  from configs import imagenet, places365  # pylint: disable=g-import-not-at-top
+  im = imagenet.get_config().stages
+  assert experiment.split_size(im.old.data, "old_train")[0] == 640_542
+  assert experiment.split_size(im.eval.data, "eval")[0] == 50_000
+  assert experiment.split_size(im.old.data, "train_250") == (None, experiment.UNKNOWN)
+  assert experiment.split_size(places365.get_config().stages.old.data, "old_train") == (None, experiment.UNKNOWN)
+
+
+def test_reports_finished_stages_and_refusals(tmp_path, capsys, no_data):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("runlocal")
+  wd = str(tmp_path / "wd")
+  old_dir = os.path.join(wd, "old")
+  os.makedirs(old_dir)
+  checkpoint.write_json(os.path.join(wd, "experiment.json"), {"experiment": "demo"})
+  checkpoint.write_json(os.path.join(old_dir, "config.json"), config.stages.old.to_dict())
+  checkpoint.mark_done(old_dir)
+  changed = dict(config.stages.new.to_dict(), seed=99)
+  os.makedirs(os.path.join(wd, "new"))
+  checkpoint.write_json(os.path.join(wd, "new", "config.json"), changed)
+  before = sorted(os.listdir(wd))
+  plan = experiment.dry_run(config, wd)
+  out = capsys.readouterr().out
+  states = {r["stage"]: r["state"] for r in plan}
+  assert states["old"] == "finished (skipped)" and states["side_info"] == "to run"
+  assert states["new"].startswith("refused: workdir stage 'new' was run with a different config: seed=99")
+  assert "1. old [backbone] finished (skipped)" in out
+  assert sorted(os.listdir(wd)) == before
+
+
+def test_main_flag(tmp_path):
+  wd = tmp_path / "wd"
+  p = subprocess.run([sys.executable, "-m", "fct_jax.main", "--config=configs/imagenet.py:data_dir=/nonexistent",
+                      f"--workdir={wd}", "--dry_run"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "640,542 examples" in p.stdout and "62,500 steps" in p.stdout and not wd.exists()

@@ -1,0 +1,190 @@
+"""Side-information stage: SimCLR views and loss, every alternative for a step, loading by the transformation."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common as cfg_common
+from configs import demo
+from fct_jax import checkpoint, experiment, sharding, train_lib
+from fct_jax.data import augment, shapes, sources
+from fct_jax.errors import FCTError
+from fct_jax.stages import side_info, transformation
+
+VIEWS = {"crop_scale": (0.5, 1.0), "jitter_strength": 1.0, "max_hue": 0.5, "rotation": 180.0}
+
+
+def _example(i=0, size=16):
+  d = shapes.make_split("old_train", num_examples=8, image_size=size)
+  return {"image": d["image"][i], "label": d["label"][i]}
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+@pytest.mark.parametrize("kw", [{}, VIEWS, {"blur_prob": 1.0, "out_size": 12}])
+def test_two_views_differ_and_are_deterministic(kw):
+  ex = _example()
+  a = augment.simclr_two_views(ex, np.random.default_rng(3), **kw)
+  b = augment.simclr_two_views(ex, np.random.default_rng(3), **kw)
+  c = augment.simclr_two_views(ex, np.random.default_rng(4), **kw)
+  size = kw.get("out_size") or 16
+  assert set(a) == {"view1", "view2", "label"}  # the raw image is dropped, labels pass through
+  for v in ("view1", "view2"):
+    assert a[v].shape == (size, size, 3) and a[v].dtype == np.float32 and np.all(np.isfinite(a[v]))
+    np.testing.assert_array_equal(a[v], b[v])
+  assert not np.allclose(a["view1"], a["view2"])
+  assert not np.allclose(a["view1"], c["view1"])
+
+
+def test_crop_resize_and_rotation_geometry():
+  img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
+  np.testing.assert_allclose(augment.resize_bilinear(img, (0, 0, 8, 8), 8, 8), img, atol=1e-6)  # identity
+  np.testing.assert_allclose(augment.resize_bilinear(img, (2, 1, 4, 4), 4, 4), img[2:6, 1:5], atol=1e-6)
+  np.testing.assert_allclose(augment.rotated_crop_bilinear(img, (0, 0, 8, 8), np.pi / 2, 8, 8), np.rot90(img),
+                             atol=1e-5)
+  for seed in range(20):  # boxes always lie inside the image, within the area bounds (or the fallback)
+    top, left, h, w = augment.random_resized_crop_box(np.random.default_rng(seed), 16, 12, scale=(0.3, 1.0))
+    assert 0 <= top and top + h <= 16 and 0 <= left and left + w <= 12 and h * w >= 0.25 * 16 * 12
+
+
+# ----------------------------------------------------------------------------------------- NT-Xent
+
+
+def _simclr_cfg():
+  c = demo.get_config("stage=side_info,runlocal")
+  c.train.batch_size = 8
+  return c
+
+
+def test_nt_xent_gradients_finite_and_loss_decreases():
+  cfg = _simclr_cfg()
+  model = side_info.build_model(cfg)
+  task = side_info.make_task(cfg, model)
+  source, _ = sources.get_source(cfg.data, cfg.split)
+  rng = np.random.default_rng(0)
+  exs = [task.transform(source[i], rng) for i in range(8)]
+  batch = {k: jnp.asarray(np.stack([e[k] for e in exs])) for k in task.keys}
+  variables = dict(task.init(jax.random.key(0, impl="rbg"), batch))
+  params = variables.pop("params")
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, state, opt):
+    (l, (m, new_state)), g = jax.value_and_grad(task.loss, has_aux=True)(params, state, None, batch, None, 0)
+    upd, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, upd), new_state, opt, l, g, m
+
+  losses = []
+  for _ in range(6):
+    params, variables, opt, l, g, m = step(params, variables, opt)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
+    assert 0.0 <= float(m["contrastive_accuracy"]) <= 1.0
+    losses.append(float(l))
+  assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_simclr_loss_is_global_over_devices(tmp_path):
+  """NT-Xent uses the whole global batch as negatives: the same loss on 1 and on 8 devices."""
+  cfg = _simclr_cfg()
+  cfg.train.steps = 1
+  source, _ = sources.get_source(cfg.data, cfg.split)
+  out = {}
+  for n in (1, 8):
+    task = side_info.make_task(cfg, side_info.build_model(cfg))
+    _, hist = train_lib.train(cfg=cfg, workdir=str(tmp_path / f"d{n}"), task=task, source=source,
+                              mesh=sharding.make_mesh(jax.devices()[:n]))
+    out[n] = hist[0]["loss"]
+  np.testing.assert_allclose(out[1], out[8], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- alternatives, loading
+
+
+def _side_cfg(method: str, name: str):
+  d = demo.get_config("runlocal").stages
+  c = ml_collections.ConfigDict(d.side_info.to_dict())
+  c.name, c.method = name, method
+  c.train.steps = 1
+  if method == "autoencoder":
+    # One stride-2 block (total stride 4): fits 16×16 runlocal images and compiles quickly.
+    c.model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": 8, "settings": ((1, 8, 1, 2),)})
+  return c
+
+
+def _h_cfg(name: str, kind: str, dim: int, stage: str = "", cache: bool = True):
+  d = demo.get_config("runlocal").stages
+  c = ml_collections.ConfigDict(d.transformation.to_dict())
+  c.name = name
+  c.train.steps = 1
+  c.feature_mode = "cached" if cache else "online"
+  c.augment, c.cache_views = "none", 1
+  c.side_info = {"kind": kind, "dim": dim, "stage": stage}
+  return c
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+  """A workdir with the runlocal old and new stages (one step each)."""
+  wd = str(tmp_path_factory.mktemp("side"))
+  for s in ("old", "new"):
+    c = demo.get_config(f"stage={s},runlocal")
+    c.train.steps = 1
+    experiment.run(c, wd)
+  return wd
+
+
+@pytest.mark.parametrize("method", side_info.METHODS)
+def test_each_alternative_trains_and_feeds_h(upstream, method):
+  stages = [_side_cfg(method, f"si_{method}"), _h_cfg(f"h_{method}", method, 8, f"si_{method}", cache=False)]
+  assert experiment.run(cfg_common.experiment("demo", stages), upstream) == [s.name for s in stages]
+  ctx = side_info.common.Context(workdir=upstream)
+  psi = side_info.load(ctx, f"si_{method}", "test")
+  assert psi.method == method and psi.dim == 8
+  images = np.zeros((2, 16, 16, 3), np.float32)
+  assert psi.apply(psi.variables, images).shape == (2, 8)
+  h, hcfg, side = transformation.load_h(ctx, f"h_{method}", "test")
+  assert side.method == method and h(np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32)).shape == (3, 8)
+  if method == "simclr":  # the saved model keeps the projection head; ψ is the encoder alone
+    saved = checkpoint.load_model(os.path.join(upstream, "si_simclr"))
+    assert set(saved["params"]) == {"encoder", "projection"}
+    assert "projection" not in psi.variables["params"]
+
+
+@pytest.mark.parametrize("dim", [0, 8])
+def test_no_side_info_feeds_zeros(upstream, dim):
+  cfg = _h_cfg(f"h_none{dim}", "none", dim)
+  assert experiment.run(cfg_common.experiment("demo", [cfg]), upstream) == [cfg.name]
+  _, _, side = transformation.load_h(side_info.common.Context(workdir=upstream), cfg.name, "test")
+  source, _ = sources.get_source(cfg.data, "eval")
+  psi = side.embed(source, batch_size=8)
+  assert psi.shape == (len(source), dim) and not psi.any()
+
+
+def test_width_and_kind_mismatch_stop_with_one_line_errors(upstream):
+  experiment.run(cfg_common.experiment("demo", [_side_cfg("simclr", "si_w")]), upstream)
+  cases = [(_h_cfg("h_w5", "simclr", 5, "si_w"), "side-info width mismatch: stage 'si_w' gives 8-d ψ but "
+                                                  "side_info.dim=5"),
+           (_h_cfg("h_k", "autoencoder", 8, "si_w"), "side_info.kind is 'autoencoder' but stage 'si_w' trained "
+                                                     "'simclr'"),
+           (_h_cfg("h_s", "simclr", 8, ""), "needs side_info.stage"),
+           (_h_cfg("h_m", "simclr", 8, "nope"), "needs stage 'nope'"),
+           (_h_cfg("h_o", "simclr", 8, "old"), "expects 'old' to be a side_info stage")]
+  for cfg, msg in cases:
+    with pytest.raises(FCTError, match=msg.replace("(", r"\(")) as e:
+      experiment.run(cfg_common.experiment("demo", [cfg]), upstream)
+    assert "\n" not in str(e.value)
+    assert not checkpoint.is_done(os.path.join(upstream, cfg.name))
+
+
+def test_unknown_method():
+  bad = _side_cfg("simclr", "x")
+  bad.method = "byol"
+  with pytest.raises(FCTError, match="unknown side-info method 'byol'"):
+    side_info.build_model(bad)
