@@ -12,13 +12,14 @@ workdir and prints the table.
 transformation stages (e.g. one without and one with side-information); each adds a row ``new/h[<kind>]`` (the
 stage name in brackets when two share a kind). For every side-info model the results also hold
 ``side_info_analysis``: linear CKA between φ_old and ψ (Table 6's complementarity measure) and, per field of
-``cfg.probe_fields``, the leave-one-out 1-NN accuracy of ψ, φ_old and φ_new (e.g. on the demo: does ψ know the
-shapes that φ_old threw away?).
+``cfg.probe_fields``, the leave-one-out 1-NN accuracy and a linear probe's accuracy of ψ, φ_old and φ_new (on the
+demo: does ψ know the shapes that φ_old threw away?).
 """
 
 import os
 
 import jax
+import numpy as np
 
 from fct_jax import checkpoint, retrieval
 from fct_jax.data import sources
@@ -82,9 +83,11 @@ def run(cfg, stage_dir: str, ctx: common.Context):
         f.write(table + "\n")
     print(table, flush=True)
     for name, a in analysis.items():
-      probes = " ".join(f"{f}: ψ {a['knn_top1'][f]:.1f} / old {a['knn_top1_old'][f]:.1f} / new "
-                        f"{a['knn_top1_new'][f]:.1f}" for f in a["knn_top1"])
-      print(f"[{cfg.name}] side-info {name}: CKA(φ_old, ψ) {a['cka_old']:.3f}; 1-NN top-1 % {probes}", flush=True)
+      for probe in ("knn_top1", "linear_probe"):
+        scores = "; ".join(f"{f} ψ {a[probe][f]:.1f} / old {a[probe + '_old'][f]:.1f} / new "
+                           f"{a[probe + '_new'][f]:.1f}" for f in a[probe])
+        print(f"[{cfg.name}] side-info {name}: {probe} % {scores}", flush=True)
+      print(f"[{cfg.name}] side-info {name}: CKA(φ_old, ψ) {a['cka_old']:.3f}", flush=True)
   # The experiment's report (results.md/.json with CMC curves, CKA, cost, backfilling, plots) replaces the plain
   # table in the experiment workdir; every process computes (the kernel's mesh may span hosts), process 0 writes.
   from fct_jax import report  # pylint: disable=g-import-not-at-top
@@ -97,18 +100,40 @@ def _knn_top1(x, labels) -> float:
   return float(retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, ks=(1,))["cmc_top1"])
 
 
+def _linear_probe(x, labels, ridge: float = 1e-3) -> float:
+  """Accuracy (%) of a linear classifier fitted on the first half of ``x`` [N, D] and tested on the second half.
+
+  One-vs-all ridge regression on standardised features, in closed form (no solver to tune or to converge); the
+  evaluation split's order is random, so the halves are a fair split.
+  """
+  x = np.asarray(x, np.float64)
+  n = len(x) // 2
+  mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-6
+  z = np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], axis=1)
+  classes, y = np.unique(np.asarray(labels), return_inverse=True)
+  targets = np.eye(len(classes))[y[:n]]
+  w = np.linalg.solve(z[:n].T @ z[:n] + ridge * n * np.eye(z.shape[1]), z[:n].T @ targets)
+  return float(100.0 * np.mean(np.argmax(z[n:] @ w, axis=1) == y[n:]))
+
+
 def _side_info_analysis(cfg, source, emb, psi_cache):
-  """Per side-info model (except zeros): its width, CKA with φ_old and 1-NN probes of ψ, φ_old and φ_new."""
+  """Per side-info model (except zeros): its width, CKA with φ_old, and 1-NN and linear probes of ψ, φ_old and
+  φ_new for each of ``cfg.probe_fields``."""
   models = [(side, psi) for side, psi in psi_cache.values() if side.method != "none"]
   if not models:
     return {}
   fields = [f for f in cfg.get("probe_fields", ("label",)) if f in source[0]]
   field_labels = {f: common.source_labels(source, f) for f in fields}
-  base = {role: {f: _knn_top1(emb[role], y) for f, y in field_labels.items()} for role in ("old", "new")}
+  probes = {"knn_top1": _knn_top1, "linear_probe": _linear_probe}
+
+  def score(x):
+    return {p: {f: fn(x, y) for f, y in field_labels.items()} for p, fn in probes.items()}
+
+  base = {role: score(emb[role]) for role in ("old", "new")}
   out = {}
   for side, psi in models:
-    out[f"{side.method}:{side.stage}"] = {
-        "dim": side.dim, "cka_old": float(cka_lib.linear_cka(emb["old"], psi)),
-        "knn_top1": {f: _knn_top1(psi, y) for f, y in field_labels.items()},
-        "knn_top1_old": base["old"], "knn_top1_new": base["new"]}
+    entry = {"dim": side.dim, "cka_old": float(cka_lib.linear_cka(emb["old"], psi)), **score(psi)}
+    for role in ("old", "new"):
+      entry.update({f"{p}_{role}": v for p, v in base[role].items()})
+    out[f"{side.method}:{side.stage}"] = entry
   return out

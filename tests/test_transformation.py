@@ -1,0 +1,186 @@
+"""Transformation at full strength: the sequence plan (h, g), cached and online features, the BatchNorm switch,
+stored-feature width checks, and the BCT baseline's influence loss through the frozen old classifier."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import demo, demo_sequence, imagenet_sequence
+from fct_jax import checkpoint, experiment
+from fct_jax.data import sources
+from fct_jax.errors import FCTError
+from fct_jax.gallery import loader
+from fct_jax.stages import backbone, common, transformation
+
+SEQUENCE_ROWS = ("v2/h2(v1)", "v3/h3(v2)", "v3/h3(h2(v1))", "v3/h13(v1)")
+
+
+@pytest.fixture(scope="module")
+def seq_run(tmp_path_factory):
+  """The whole runlocal sequence plan once (8 simulated devices); other tests reuse its finished stages."""
+  wd = str(tmp_path_factory.mktemp("seq"))
+  ran = experiment.run(demo_sequence.get_config("runlocal"), wd)
+  return wd, ran
+
+
+def _stage_cfg(stage, **changes):
+  cfg = demo_sequence.get_config(f"stage={stage},runlocal")
+  for k, v in changes.items():
+    target = cfg
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return cfg
+
+
+def _run_stage(cfg, wd, name):
+  d = os.path.join(wd, name)
+  shutil.rmtree(d, ignore_errors=True)
+  os.makedirs(d)
+  return transformation.run(cfg, d, common.Context(workdir=wd)), d
+
+
+def _metrics(d):
+  return [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"step"' in l]
+
+
+def test_sequence_plan_end_to_end(seq_run):
+  wd, ran = seq_run
+  assert ran == list(demo_sequence.get_config("runlocal").plan)
+  res = json.load(open(os.path.join(wd, "results.json")))
+  want = {"v1/v1", "v2/v2", "v3/v3", *SEQUENCE_ROWS, *(r + "[none]" for r in SEQUENCE_ROWS)}
+  assert set(res["cases"]) == want
+  for m in res["cases"].values():
+    assert 0.0 <= m["cmc_top1"] <= 100.0 and 0.0 <= m["mAP"] <= 100.0
+  assert res["rows"]["v3/h3(h2(v1))"]["hops"] == [["h2", "g2"], ["h3", ""]]
+  # g2 maps (φ1, ψ1) to ψ2's width.
+  g, gcfg, side = transformation.load_h(common.Context(workdir=wd), "g2", "test")
+  assert transformation.target_kind(gcfg, common.Context(workdir=wd)) == "side_info" and side.stage == "side1"
+  n = 5
+  out = g(np.zeros((n, 8), np.float32), np.zeros((n, 8), np.float32))
+  assert out.shape == (n, 8)
+
+
+def test_cached_and_online_both_train(seq_run):
+  wd, _ = seq_run
+  for mode in ("online", "cached"):
+    cfg = _stage_cfg("h2", feature_mode=mode, name=f"h2_{mode}")
+    finished, d = _run_stage(cfg, wd, f"h2_{mode}")
+    assert finished
+    hist = _metrics(d)
+    assert len(hist) == 2 and all(np.isfinite(r["loss"]) for r in hist)
+    assert os.path.isdir(os.path.join(d, "features")) == (mode == "cached")
+  feats = np.load(os.path.join(wd, "h2_cached", "features", "old.npy"))
+  n = len(sources.get_source(cfg.data, cfg.split)[0])
+  assert feats.shape == (n * cfg.cache_views, 8)  # K views of every v2 training image
+  # A rerun of the cached stage reuses the stored features (same rows, no recomputation).
+  meta = json.load(open(os.path.join(wd, "h2_cached", "features", "meta.json")))
+  assert meta["views"] == 2 and meta["num_images"] == n
+
+
+def test_bn_eval_switch_at_configured_step(seq_run):
+  wd, _ = seq_run
+  cfg = _stage_cfg("h3_none", **{"name": "h3_bn", "bn_eval_after": 0.5, "train.steps": 4})
+  _, d = _run_stage(cfg, wd, "h3_bn")
+  assert [r["bn_train_mode"] for r in _metrics(d)] == [1.0, 1.0, 0.0, 0.0]
+  # Switched from the first step: BatchNorm statistics are never updated (still their initial 0 / 1).
+  cfg = _stage_cfg("h3_none", **{"name": "h3_bn0", "bn_eval_after": 0.0})
+  _, d = _run_stage(cfg, wd, "h3_bn0")
+  assert [r["bn_train_mode"] for r in _metrics(d)] == [0.0, 0.0]
+  stats = checkpoint.load_model(d)["batch_stats"]
+  for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(stats):
+    expect = 0.0 if "mean" in jax.tree_util.keystr(leaf_path) else 1.0
+    np.testing.assert_array_equal(np.asarray(leaf), expect)
+
+
+def test_stored_feature_width_mismatch_is_one_line(seq_run):
+  wd, _ = seq_run
+  src = os.path.join(wd, "h2_cached")
+  if not os.path.isdir(os.path.join(src, "features")):
+    pytest.skip("needs test_cached_and_online_both_train")
+  cfg = _stage_cfg("h2", feature_mode="cached", name="h2_bad")
+  d = os.path.join(wd, "h2_bad")
+  shutil.rmtree(d, ignore_errors=True)
+  shutil.copytree(os.path.join(src, "features"), os.path.join(d, "features"))
+  old = np.load(os.path.join(d, "features", "old.npy"))
+  np.save(os.path.join(d, "features", "old.npy"), old[:, :5])  # features stored by a 5-d model
+  with pytest.raises(FCTError, match=r"'old' features of width 5 but h expects 8") as e:
+    transformation.run(cfg, d, common.Context(workdir=wd))
+  assert "\n" not in str(e.value)
+  # Stored gallery vectors of the wrong width given to a trained h: the same kind of error.
+  h, _, _ = transformation.load_h(common.Context(workdir=wd), "h2", "test")
+  with pytest.raises(FCTError, match=r"takes 8-d φ_old but got an array of shape \(3, 6\)") as e:
+    h(np.zeros((3, 6), np.float32), np.zeros((3, 8), np.float32))
+  assert "\n" not in str(e.value)
+
+
+def test_bct_influence_through_frozen_old_classifier(seq_run):
+  wd, _ = seq_run
+  ctx = common.Context(workdir=wd)
+  old_dir = os.path.join(wd, "v1")
+  before = loader.stage_fingerprint(old_dir)
+  cfg = demo.get_config("stage=bct_new,runlocal")
+  cfg.bct.old = "v1"
+  cfg.name = "bct"
+  d = os.path.join(wd, "bct")
+  os.makedirs(d, exist_ok=True)
+  assert backbone.run(cfg, d, ctx)
+  assert loader.stage_fingerprint(old_dir) == before  # the old model is never re-saved
+  hist = _metrics(d)
+  assert all(np.isfinite(r["influence_loss"]) for r in hist)
+
+  # The extended classifier keeps the old columns and adds the old model's class means for the new classes.
+  source, info = sources.get_source(cfg.data, cfg.split)
+  w = backbone.bct_old_classifier(cfg, ctx, source, info.num_classes, 8)
+  old_kernel = np.asarray(checkpoint.load_model(old_dir)["params"]["classifier"]["kernel"])
+  assert w.shape == (8, info.num_classes)
+  np.testing.assert_allclose(w[:, :old_kernel.shape[1]], old_kernel)
+  module, old_vars, _ = common.load_backbone(ctx, "v1", "test")
+  emb = common.embed(module, old_vars, source, batch_size=16)
+  labels = common.source_labels(source)
+  c = info.num_classes - 1
+  np.testing.assert_allclose(w[:, c], emb[labels == c].mean(0), rtol=1e-4, atol=1e-5)
+
+  # The step's gradient: none flows to the frozen classifier, and the influence term moves φ_new.
+  model = common.build_backbone(cfg, info.num_classes)
+  task = backbone.make_task(cfg, model, info.num_classes, old_classifier=w)
+  plain = backbone.make_task(cfg, model, info.num_classes)
+  batch = {"image": jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32) / 255.0,
+           "label": jnp.asarray(labels[:8])}
+  variables = dict(task.init(jax.random.key(0, impl="rbg"), batch))
+  params = variables.pop("params")
+  rng, frozen = jax.random.key(1, impl="rbg"), {"old_classifier": jnp.asarray(w)}
+  g_frozen = jax.grad(lambda f: task.loss(params, variables, f, batch, rng, 0)[0])(frozen)
+  assert float(jnp.abs(g_frozen["old_classifier"]).max()) == 0.0
+  g_bct = jax.grad(lambda p: task.loss(p, variables, frozen, batch, rng, 0)[0])(params)
+  g_ce = jax.grad(lambda p: plain.loss(p, variables, None, batch, rng, 0)[0])(params)
+  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_bct, g_ce)
+  assert max(jax.tree.leaves(diff)) > 0.0
+
+
+def test_bct_width_mismatch_is_one_line(seq_run):
+  wd, _ = seq_run
+  cfg = demo.get_config("stage=bct_new,runlocal")
+  cfg.bct.old, cfg.name = "v1", "bct_wide"
+  cfg.model.embedding_dim = 12
+  with pytest.raises(FCTError, match="BCT needs equal embedding widths, but the new model is 12-d") as e:
+    backbone.run(cfg, os.path.join(wd, "bct_wide"), common.Context(workdir=wd))
+  assert "\n" not in str(e.value)
+
+
+def test_configs():
+  plan = list(demo.get_config().plan)
+  assert "bct_new" in plan and plan[-1] == "eval"
+  assert demo.get_config().stages.eval.bct == "bct_new"
+  seq = imagenet_sequence.get_config()
+  assert list(seq.plan) == list(demo_sequence.get_config().plan)
+  assert seq.stages.g2.new == "side2" and seq.stages.g2.side_info.stage == "side1"
+  assert seq.stages.v1.split == "train_250" and seq.stages.h13.old == "v1" and seq.stages.h13.new == "v3"
+  assert [r["name"] for r in seq.stages.eval.rows][:4] == list(SEQUENCE_ROWS)
