@@ -47,7 +47,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
                                   transform=common.eval_transform(cfg))
     common.check_finite_embeddings(emb["bct-new"], "BCT new-model embeddings")
     cases += [("bct-new", "old"), ("bct-new", "bct-new")]
-  psi_cache, transformed, kinds = {}, {}, {}
+  psi_cache, transformed, kinds, feature_modes = {}, {}, {}, {}
 
   def upgrade(stage):
     """h(φ_old, ψ) of the eval images with the transformation ``stage``; ψ computed once per side-info model."""
@@ -59,6 +59,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
         common.check_finite_embeddings(psi_cache[key][1], f"side-information ({side.method}) of {stage!r}")
       transformed[stage] = h(emb["old"], psi_cache[key][1])
       kinds[stage] = tcfg.side_info.kind
+      feature_modes[stage] = transformation.feature_mode(tcfg)  # online (ml-fct's) or cached (ours)
       common.check_finite_embeddings(transformed[stage], f"transformed (h) embeddings of {stage!r}")
     return transformed[stage]
 
@@ -75,6 +76,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   analysis = _side_info_analysis(cfg, source, emb, psi_cache)
   table = cases_lib.format_markdown_table(results)
   payload = {"cases": results, "num_eval": int(len(labels)), "side_info": kinds[cfg.transformation],
+             "feature_mode": feature_modes,
              "side_info_analysis": analysis}
   if jax.process_index() == 0:
     for d in (stage_dir, ctx.workdir):
