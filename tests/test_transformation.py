@@ -60,6 +60,7 @@ def test_sequence_plan_end_to_end(seq_run):
   for m in res["cases"].values():
     assert 0.0 <= m["cmc_top1"] <= 100.0 and 0.0 <= m["mAP"] <= 100.0
   assert res["rows"]["v3/h3(h2(v1))"]["hops"] == [["h2", "g2"], ["h3", ""]]
+  assert os.path.exists(os.path.join(wd, "compatibility.png"))  # the report's sequence matrix
   # g2 maps (φ1, ψ1) to ψ2's width.
   g, gcfg, side = transformation.load_h(common.Context(workdir=wd), "g2", "test")
   assert transformation.target_kind(gcfg, common.Context(workdir=wd)) == "side_info" and side.stage == "side1"

@@ -96,4 +96,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
       with open(os.path.join(d, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table, flush=True)
+  from fct_jax import report  # pylint: disable=g-import-not-at-top  (report imports the gallery, which imports stages)
+  # The experiment-level results.md/json and plots, including the compatibility matrix of the v_i rows.
+  report.write(ctx.workdir, payload, gallery, labels, cfg=cfg, mesh=ctx.mesh)
   return True
