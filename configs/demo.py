@@ -12,6 +12,11 @@ CPU:
 
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
 
+The side-information ablation of the paper's Table 6 (adds autoencoder, alternate-old and alternate-old + mixup
+side-information, each with its own h; rows ``new/h[<kind>]``):
+
+  python -m fct_jax.main --config=configs/demo.py:ablation --workdir=/tmp/fct_demo_ablation
+
 One stage, with an override:
 
   python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.train.epochs=3
@@ -27,7 +32,7 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, stage="", runlocal=False)
+  a = common.parse_arg(arg, stage="", runlocal=False, ablation=False)
   if a.runlocal:
     data = ml_collections.ConfigDict({"name": "shapes", "num_old_train": 64, "num_new_train": 64,
                                       "num_eval": 40, "image_size": 16, "num_old_shapes": 3, "seed": 0})
@@ -89,9 +94,27 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       common.transformation_stage("transformation", train_cfg=train(adam(), h_epochs), seed=3,
                                   side_info_kind="simclr", side_info_dim=side_model.embedding_dim,
                                   side_info_stage="side_info", **h_kw),
+  ]
+  compared = ["transformation_none", "transformation"]
+  if a.ablation:
+    # Table 6's side-information ablation: every alternative to SimCLR, each with its own h (rows new/h[kind]).
+    ae_settings = ((1, 8, 1, 2),) if a.runlocal else ((1, 16, 1, 2), (4, 32, 1, 2), (4, 64, 1, 2))
+    ae_model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": side_model.embedding_dim,
+                                          "settings": ae_settings})
+    for method, short, m in (("autoencoder", "ae", ae_model), ("alt_old", "alt", side_model),
+                             ("alt_old_mixup", "altmix", side_model)):
+      stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
+                                           train_cfg=train(sgd(), side_epochs), seed=5, augment="pad_crop_flip",
+                                           eval_batch_size=eval_bs))
+      stages.append(common.transformation_stage(f"transformation_{short}", train_cfg=train(adam(), h_epochs),
+                                                seed=3, side_info_kind=method,
+                                                side_info_dim=side_model.embedding_dim,
+                                                side_info_stage=f"side_{short}", **h_kw))
+      compared.append(f"transformation_{short}")
+  stages += [
       common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_bs,
-                              compare_transformations=("transformation_none", "transformation"),
+                              compare_transformations=compared,
                               bct="bct_new",
                               probe_fields=("label", "shape", "colour")),
   ]
-  return common.experiment("demo", stages, a.stage)
+  return common.experiment("demo_ablation" if a.ablation else "demo", stages, a.stage)

@@ -1,5 +1,6 @@
 """Side-information stage: SimCLR views and loss, every alternative for a step, loading by the transformation."""
 
+import json
 import os
 
 import jax
@@ -188,3 +189,15 @@ def test_unknown_method():
   bad.method = "byol"
   with pytest.raises(FCTError, match="unknown side-info method 'byol'"):
     side_info.build_model(bad)
+
+
+def test_side_info_ablation_plan_end_to_end(tmp_path):
+  """Table 6's plan (runlocal): every side-information kind gets its own h and its own new/h[kind] row."""
+  from fct_jax import experiment  # pylint: disable=g-import-not-at-top
+  cfg = demo.get_config("ablation,runlocal")
+  ran = experiment.run(cfg, str(tmp_path))
+  assert ran == list(cfg.plan)
+  res = json.load(open(tmp_path / "results.json"))
+  for kind in ("none", "simclr", "autoencoder", "alt_old", "alt_old_mixup"):
+    m = res["cases"][f"new/h[{kind}]"]
+    assert 0.0 <= m["cmc_top1"] <= 100.0
