@@ -7,7 +7,10 @@ Prepare the data once (TFDS downloads ~160 MB):
 Then, in order:
 
   python -m fct_jax.main --config=configs/cifar100.py:stage=old,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/cifar100.py:stage=side_info,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/cifar100.py:stage=new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/cifar100.py:stage=bct_new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/cifar100.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/cifar100.py:stage=transformation,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/cifar100.py:stage=eval,data_dir=$DATA --workdir=$WD
 

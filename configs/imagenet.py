@@ -8,7 +8,10 @@ Prepare the data once (array_record; the two archives must be downloaded by hand
 Then, in order (each stage writes its own sub-workdir; rerunning skips finished stages and resumes):
 
   python -m fct_jax.main --config=configs/imagenet.py:stage=old,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/imagenet.py:stage=side_info,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/imagenet.py:stage=new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/imagenet.py:stage=bct_new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/imagenet.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/imagenet.py:stage=transformation,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/imagenet.py:stage=eval,data_dir=$DATA --workdir=$WD
 
@@ -22,7 +25,7 @@ For the update sequence of Table 5 the splits ``train_250`` / ``train_500`` / ``
 Expected (paper, Table 1; CMC top-1 — top-5 %, mAP@1.0 %):
   old/old 46.5 — 64.6, 29.9    new/old 0.1 — 0.5, 0.003    new/new 68.1 — 84.4, 45.0
   FCT with SimCLR side-info: h/h 59.3 — 76.4, 41.3    new/h 65.0 — 82.3, 43.6
-  FCT without side-info (Table 6, "None"): new/h 61.8 — 80.5, 39.9   (this plan: side_info none)
+  FCT without side-info (Table 6, "None"): new/h 61.8 — 80.5, 39.9   (this plan's new/h[none] row)
   BCT: new_bct/old 46.9 — 65.4, 30.1    new_bct/new_bct 62.4 — 81.9, 41.1
 ml-fct's README (its released code): old/old 46.4, new/new 68.4, new/h 65.1 top-1.
 

@@ -7,14 +7,18 @@ Prepare the data once (TFDS downloads the 256×256 "small" images, ~25 GB):
 Then, in order:
 
   python -m fct_jax.main --config=configs/places365.py:stage=old,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=side_info,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/places365.py:stage=new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=bct_new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/places365.py:stage=transformation,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/places365.py:stage=eval,data_dir=$DATA --workdir=$WD
 
 Splits: old = the first 182 classes (TFDS's label order is the sorted category list, as ImageFolder's), new = all
 365; evaluation on the 36,500 validation images (100 per class) as query and gallery. Augmentation as ImageNet.
-The paper's side-information here is SimCLR trained on ImageNet-1k (transferred across domains); this plan runs
-without side-information.
+The paper's side-information here is SimCLR trained on ImageNet-1k (transferred across domains); this plan trains
+SimCLR on the Places-182 images instead (point ``stages.transformation.side_info.stage`` at a finished ImageNet
+side-info stage copied into the workdir to reproduce the paper's transfer).
 
 Expected (paper, Table 2; CMC top-1 — top-5 %, mAP@1.0 %):
   old/old 29.6 — 58.2, 11.6    new/old 0.3 — 1.5, 0.12    new/new 37.0 — 65.1, 17.0

@@ -5,6 +5,13 @@ parameter (ml-fct ``no_bn_decay: False``), cosine schedule with 5 warm-up epochs
 Transformation h: the FCT MLP (inner 2048), Adam lr 5e-4, weight decay 3.0517578125e-5, cosine with 5 warm-up
 epochs, 80 epochs, batch 1024, BatchNorm in eval mode for the second half, trained on augmented new-set images.
 
+Side-information ψ (the paper's FCT rows): SimCLR with the old model's architecture on the old training images
+(no labels), LARS with lr 0.3·B/256, weight decay 1e-6, temperature 0.1, 10 warm-up epochs, 100 epochs, SimCLR's
+ImageNet views (crop 224, colour jitter strength 1.0, grayscale, blur) — the SimCLR paper's recipe at batch 1024;
+ml-fct only downloads pretrained SimCLR weights. BCT baseline: the new model's recipe plus the influence loss
+through the old model's frozen classifier. The plan: old, side_info, new, bct_new, transformation_none (ψ = 0),
+transformation (ψ = SimCLR), eval — its table has every Table-1 row.
+
 Each dataset config supplies its data block, backbones and transforms; ``runlocal`` swaps in tiny models,
 ``tfds.testing.mock_data`` examples (no dataset needed) and 32-pixel versions of the same transforms.
 """
@@ -25,6 +32,10 @@ def transformation_adam():
   return common.optimizer("adam", 5e-4, weight_decay=WEIGHT_DECAY, warmup_epochs=5)
 
 
+def simclr_lars():
+  return common.optimizer("lars", 0.3 * BATCH / 256, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
+
+
 def tfds_data(name: str, a, **fields) -> ml_collections.ConfigDict:
   """The ``data`` block of a TFDS dataset; ``a.data_dir`` (config argument ``data_dir=``) is where TFDS put it."""
   d = {"name": name, "data_dir": a.get("data_dir", ""), "tfds_name": "",
@@ -38,7 +49,7 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
                      label_smoothing: float = 0.1, eval_batch_size: int = 1024,
                      runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = "",
                      paper_table: str = ""):
-  """Stages old → new → transformation → eval with the reference hyper-parameters.
+  """Stages old → side_info → new → bct_new → transformation_none → transformation → eval, reference recipe.
 
   Args:
     experiment: experiment name.
@@ -67,18 +78,35 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
                           checkpoint_every_steps=1000)
 
   h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": h_inner_dim})
+  side_model = ml_collections.ConfigDict(old_model.to_dict())
+  views = ({"out_size": 32, "crop_scale": (0.08, 1.0), "jitter_strength": 1.0, "blur_prob": 0.0} if a.runlocal
+           else {"out_size": 224, "crop_scale": (0.08, 1.0), "jitter_strength": 1.0, "blur_prob": 0.5})
+  h_common = dict(data=data, split="new_train", model=h_model, augment=train_augment)
   stages = [
       common.backbone_stage("old", data=data, split="old_train", model=old_model,
                             train_cfg=train(backbone_sgd(), backbone_epochs), seed=1,
                             label_smoothing=label_smoothing, augment=train_augment,
                             eval_batch_size=eval_batch_size),
+      # ψ is trained at old time on the old training images, without their labels.
+      common.side_info_stage("side_info", method="simclr", data=data, split="old_train", model=side_model,
+                             train_cfg=train(simclr_lars(), backbone_epochs), seed=4, temperature=0.1,
+                             views=views, projection_hidden_dim=16 if a.runlocal else 2048,
+                             projection_dim=8 if a.runlocal else 128, eval_batch_size=eval_batch_size),
       common.backbone_stage("new", data=data, split="new_train", model=new_model,
                             train_cfg=train(backbone_sgd(), backbone_epochs), seed=2,
                             label_smoothing=label_smoothing, augment=train_augment,
                             eval_batch_size=eval_batch_size),
-      common.transformation_stage("transformation", data=data, split="new_train", model=h_model,
-                                  train_cfg=train(transformation_adam(), h_epochs), seed=3, augment=train_augment),
+      common.backbone_stage("bct_new", data=data, split="new_train", model=new_model,
+                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2,
+                            label_smoothing=label_smoothing, augment=train_augment,
+                            eval_batch_size=eval_batch_size, bct_old="old"),
+      common.transformation_stage("transformation_none", train_cfg=train(transformation_adam(), h_epochs), seed=3,
+                                  **h_common),
+      common.transformation_stage("transformation", train_cfg=train(transformation_adam(), h_epochs), seed=3,
+                                  side_info_kind="simclr", side_info_dim=int(side_model.embedding_dim),
+                                  side_info_stage="side_info", **h_common),
       common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size,
+                              compare_transformations=("transformation_none", "transformation"), bct="bct_new",
                               paper_table=paper_table),
   ]
   for s in stages:

@@ -8,7 +8,10 @@ VGGFace2 is not in the TFDS catalogue; download the archives by hand (registrati
 Then, in order:
 
   python -m fct_jax.main --config=configs/vggface2.py:stage=old,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/vggface2.py:stage=side_info,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/vggface2.py:stage=new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/vggface2.py:stage=bct_new,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/vggface2.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/vggface2.py:stage=transformation,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/vggface2.py:stage=eval,data_dir=$DATA --workdir=$WD
 
@@ -18,8 +21,9 @@ set" — as query and gallery (25,000 images). Faces: the loose box grown by 30%
 (random + flip for training, central for evaluation), VGGFace2's own protocol.
 
 ml-fct: the paper trains with ArcFace and uses an alternate old model as side-information; this plan uses softmax
-cross-entropy (set ``model.head=arcface`` once the backbone stage applies ``losses.arcface_loss``) and no
-side-information. The paper's appendix hyper-parameters for this experiment are not in our copy of the paper;
+cross-entropy (set ``model.head=arcface`` once the backbone stage applies ``losses.arcface_loss``) and SimCLR
+side-information like the other datasets (for the paper's choice: ``--config.stages.side_info.method=alt_old``
+with ``--config.stages.transformation.side_info.kind=alt_old``). The paper's appendix hyper-parameters for this experiment are not in our copy of the paper;
 the ImageNet recipe is used.
 
 Expected (paper, Table 3; CMC top-1 — top-5 %, mAP@1.0 %):

@@ -221,8 +221,17 @@ def test_digits_splits():
 def test_config_forms(cfg_name):
   mod = importlib.import_module(f"configs.{cfg_name}")
   full = mod.get_config("data_dir=gs://b/tfds" if cfg_name != "digits" else None)
-  assert full.plan == ["old", "new", "transformation", "eval"]
-  if cfg_name != "digits":
+  if cfg_name == "digits":
+    assert full.plan == ["old", "new", "transformation", "eval"]
+  else:
+    # Every Table-1 row: SimCLR side-info, BCT baseline, h without and with ψ.
+    assert full.plan == ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "eval"]
+    side = full.stages["side_info"]
+    assert side["method"] == "simclr" and side["split"] == "old_train"
+    assert side["train"]["optimizer"]["name"] == "lars"
+    assert full.stages["transformation"]["side_info"]["stage"] == "side_info"
+    assert full.stages["bct_new"]["bct"]["old"] == "old"
+    assert full.stages["eval"]["bct"] == "bct_new"
     old = full.stages["old"]
     assert old["data"]["data_dir"] == "gs://b/tfds" and old["train"]["batch_size"] == 1024
     opt = old["train"]["optimizer"]
@@ -244,5 +253,19 @@ def test_config_forms(cfg_name):
 def test_runlocal_end_to_end(cfg_name, tmp_path):
   from fct_jax import experiment  # pylint: disable=g-import-not-at-top
   cfg = importlib.import_module(f"configs.{cfg_name}").get_config("runlocal")
-  assert experiment.run(cfg, str(tmp_path)) == ["old", "new", "transformation", "eval"]
+  assert experiment.run(cfg, str(tmp_path)) == list(cfg.plan)
   assert (tmp_path / "results.json").exists()
+
+
+def test_simclr_views_from_encoded_jpeg():
+  """TFDS sources hand over JPEG bytes: the SimCLR two-view transform decodes them (once) like the arrays."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="PNG")  # lossless, so bytes and array must give identical views
+  from_bytes = augment.simclr_two_views({"image": buf.getvalue(), "label": 3}, np.random.default_rng(1), out_size=32)
+  from_array = augment.simclr_two_views({"image": img, "label": 3}, np.random.default_rng(1), out_size=32)
+  assert from_bytes["view1"].shape == (32, 32, 3) and from_bytes["label"] == 3
+  np.testing.assert_array_equal(from_bytes["view1"], from_array["view1"])
+  np.testing.assert_array_equal(from_bytes["view2"], from_array["view2"])

@@ -199,8 +199,9 @@ def simclr_two_views(example, rng: np.random.Generator, **view_kwargs):
   The input ``image`` is dropped (a batch needs only the views); labels, if any, pass through unused.
   """
   out = {k: v for k, v in example.items() if k != "image"}
-  out["view1"] = simclr_view(example["image"], rng, **view_kwargs)
-  out["view2"] = simclr_view(example["image"], rng, **view_kwargs)
+  image = decode_image(example["image"])  # TFDS sources hand over encoded bytes; decode once for both views
+  out["view1"] = simclr_view(image, rng, **view_kwargs)
+  out["view2"] = simclr_view(image, rng, **view_kwargs)
   return out
 
 

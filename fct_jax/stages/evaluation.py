@@ -55,7 +55,8 @@ def run(cfg, stage_dir: str, ctx: common.Context):
       h, tcfg, side = transformation.load_h(ctx, stage, cfg.name)
       key = side.stage or f"none{side.dim}"
       if key not in psi_cache:
-        psi_cache[key] = (side, side.embed(source, batch_size=bs, mesh=ctx.mesh))
+        psi_cache[key] = (side, side.embed(source, batch_size=bs, mesh=ctx.mesh,
+                                              transform=common.eval_transform(cfg)))
         common.check_finite_embeddings(psi_cache[key][1], f"side-information ({side.method}) of {stage!r}")
       transformed[stage] = h(emb["old"], psi_cache[key][1])
       kinds[stage] = tcfg.side_info.kind

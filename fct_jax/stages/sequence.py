@@ -48,7 +48,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     _, tcfg, side = load(stage)
     key = side.stage or f"none{side.dim}"
     if key not in psi_cache:
-      psi_cache[key] = side.embed(source, batch_size=bs, mesh=ctx.mesh)
+      psi_cache[key] = side.embed(source, batch_size=bs, mesh=ctx.mesh, transform=common.eval_transform(cfg))
     return backbone(tcfg.old), psi_cache[key]
 
   gallery = {}

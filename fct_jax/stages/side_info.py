@@ -98,7 +98,7 @@ def _embedding_eval(cfg, module_fn, eval_source, eval_labels, mesh):
   def evaluate(state):
     variables = module_fn({"params": state["params"], **state["model_state"]})
     emb = common.embed(encoder_module(cfg), variables, eval_source, batch_size=common.eval_batch_size(cfg, mesh),
-                       mesh=mesh)
+                       mesh=mesh, transform=common.eval_transform(cfg))
     common.check_finite_embeddings(emb, f"stage {cfg.name!r} side-information")
     r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
     return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}
@@ -246,12 +246,12 @@ class SideInfo:
   variables: Any
   stage: str = ""
 
-  def embed(self, source, *, batch_size: int, mesh=None) -> np.ndarray:
-    """ψ [N, dim] of every image of ``source`` (eval transform), in order."""
+  def embed(self, source, *, batch_size: int, mesh=None, transform=None) -> np.ndarray:
+    """ψ [N, dim] of every image of ``source`` in order, with the evaluation ``transform`` (default: the demo's)."""
     if self.method == "none":
       return np.zeros((len(source), self.dim), np.float32)
     out = train_lib.predict(lambda v, b: {"psi": self.apply(v, b["image"])}, self.variables, source,
-                            batch_size=batch_size, transform=augment.eval_transform, mesh=mesh)
+                            batch_size=batch_size, transform=transform or augment.eval_transform, mesh=mesh)
     return out["psi"]
 
 
