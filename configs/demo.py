@@ -101,10 +101,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     ae_settings = ((1, 8, 1, 2),) if a.runlocal else ((1, 16, 1, 2), (4, 32, 1, 2), (4, 64, 1, 2))
     ae_model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": side_model.embedding_dim,
                                           "settings": ae_settings})
-    for method, short, m in (("autoencoder", "ae", ae_model), ("alt_old", "alt", side_model),
-                             ("alt_old_mixup", "altmix", side_model)):
+    # The autoencoder diverges with the classifiers' SGD at lr 0.1 (the NaN guard stops it): Adam for it.
+    for method, short, m, opt in (("autoencoder", "ae", ae_model, adam), ("alt_old", "alt", side_model, sgd),
+                                  ("alt_old_mixup", "altmix", side_model, sgd)):
       stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
-                                           train_cfg=train(sgd(), side_epochs), seed=5, augment="pad_crop_flip",
+                                           train_cfg=train(opt(), side_epochs), seed=5, augment="pad_crop_flip",
                                            eval_batch_size=eval_bs))
       stages.append(common.transformation_stage(f"transformation_{short}", train_cfg=train(adam(), h_epochs),
                                                 seed=3, side_info_kind=method,
