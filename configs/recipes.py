@@ -105,15 +105,37 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
       common.transformation_stage("transformation", train_cfg=train(transformation_adam(), h_epochs), seed=3,
                                   side_info_kind="simclr", side_info_dim=int(side_model.embedding_dim),
                                   side_info_stage="side_info", **h_common),
-      common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size,
-                              compare_transformations=("transformation_none", "transformation"), bct="bct_new",
-                              paper_table=paper_table),
   ]
+  compared = ["transformation_none", "transformation"]
+  if a.get("ablation", False):
+    # Table 6: the other side-information models, each with its own h (rows new/h[<kind>]). The paper's
+    # autoencoder and alternate old models are trained on the old training set like SimCLR; the autoencoder's
+    # architecture is ours (the paper gives none).
+    ae_model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": int(side_model.embedding_dim)})
+    if a.runlocal:
+      ae_model.settings = ((1, 8, 1, 2),)
+    for method, short, m, opt, aug in (
+        ("autoencoder", "ae", ae_model, transformation_adam, train_augment),
+        ("alt_old", "alt", old_model, backbone_sgd, train_augment),
+        ("alt_old_mixup", "altmix", old_model, backbone_sgd, train_augment)):
+      stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
+                                           train_cfg=train(opt(), backbone_epochs), seed=5, augment=aug,
+                                           label_smoothing=label_smoothing, eval_batch_size=eval_batch_size))
+      stages.append(common.transformation_stage(f"transformation_{short}",
+                                                train_cfg=train(transformation_adam(), h_epochs), seed=3,
+                                                side_info_kind=method, side_info_dim=int(side_model.embedding_dim),
+                                                side_info_stage=f"side_{short}", **h_common))
+      compared.append(f"transformation_{short}")
+  stages.append(common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size,
+                                        compare_transformations=compared, bct="bct_new",
+                                        paper_table=("table6" if a.get("ablation", False) and experiment == "imagenet"
+                                                     else paper_table)))
   for s in stages:
     s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)
-  return common.experiment(experiment, stages, a.stage)
+  return common.experiment(experiment + ("_ablation" if a.get("ablation", False) else ""), stages, a.stage)
 
 
 def parse(arg):
-  """Config arguments of the paper-dataset configs: ``stage=``, ``runlocal``, ``data_dir=``, ``label_cache_dir=``."""
-  return common.parse_arg(arg, stage="", runlocal=False, data_dir="", label_cache_dir="")
+  """Config arguments of the paper-dataset configs: ``stage=``, ``runlocal``, ``data_dir=``, ``label_cache_dir=``,
+  ``ablation`` (Table 6's side-information ablation)."""
+  return common.parse_arg(arg, stage="", runlocal=False, data_dir="", label_cache_dir="", ablation=False)

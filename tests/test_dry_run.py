@@ -24,10 +24,13 @@ def no_data(monkeypatch):
   monkeypatch.setattr(shapes, "make_split", touched)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("arg", ["", "runlocal"])
+@pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in ("", "runlocal", "ablation")
+                                      if not (n == "digits" and a == "ablation")])  # digits: no side-info stages
 def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
   config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  if arg == "ablation":  # Table 6: every side-information kind gets its own h and row
+    assert config.stages.eval.compare_transformations == [
+        "transformation_none", "transformation", "transformation_ae", "transformation_alt", "transformation_altmix"]
   wd = tmp_path / "wd"
   plan = experiment.dry_run(config, str(wd))
   out = capsys.readouterr().out
@@ -39,7 +42,7 @@ def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
     if "total_steps" in r and r["num_examples"] is not None:
       assert r["steps_per_epoch"] == r["num_examples"] // r["batch_size"]
       assert r["total_steps"] > 0 and f"{r['total_steps']:,} steps" in out
-  if name not in ("places365", "vggface2") or arg:  # their old_train counts need the label index
+  if name not in ("places365", "vggface2") or arg == "runlocal":  # their old_train counts need the label index
     assert all(r.get("num_examples") is not None for r in plan if "split" in r), plan
 
 

@@ -161,6 +161,17 @@ def test_nan_loss_stops_without_checkpoint(tmp_path):
   assert not os.listdir(tmp_path / "checkpoints")
 
 
+def test_empty_class_subset(tmp_path):
+  cfg = _old_cfg()
+  cfg.data.num_old_train = 0
+  with pytest.raises(FCTError, match="split 'old_train' is empty"):
+    experiment.run(cfg, str(tmp_path / "a"))
+  cfg = _old_cfg()
+  cfg.split = "train_0"  # the first 0 shapes
+  with pytest.raises(FCTError, match="K must be in"):
+    experiment.run(cfg, str(tmp_path / "b"))
+
+
 def test_transformation_without_upstream(tmp_path):
   with pytest.raises(FCTError, match="needs stage 'old'.*is missing"):
     experiment.run(demo.get_config("stage=transformation,runlocal"), str(tmp_path))
@@ -175,6 +186,8 @@ def test_cli_errors_are_one_line(tmp_path):
       (["--config=configs/demo.py", "--config.stages.old.nope=1", f"--workdir={wd}"],
        "unknown config field in --config.stages.old.nope"),
       (["--config=configs/missing.py", f"--workdir={wd}"], "cannot load config file configs/missing.py"),
+      (["--config=configs/demo.py", "--config.stages.old.train.epochs=abc", f"--workdir={wd}"],
+       "could not convert string to float: 'abc'"),
       (["--config=configs/demo.py:runlocal", f"--workdir={wd}"], "holds experiment 'cifar100', not 'demo'"),
   ]
   for args, msg in cases:
