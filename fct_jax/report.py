@@ -393,7 +393,9 @@ def plot_backfill(results: Mapping, path: str):
   fig, ax = plt.subplots(figsize=(6, 4))
   fr = [100 * f for f in bf["fractions"]]
   for key, label in (("cmc_top1", "CMC top-1"), ("mAP", "mAP")):
-    ax.plot(fr, bf[key], marker="o", label=f"{label} (AUC {bf['auc'][key]:.1f})")
+    auc = bf["auc"].get(key)
+    auc_s = f"{auc:.1f}" if auc is not None and np.isfinite(auc) else "n/a"  # n/a: every query skipped
+    ax.plot(fr, bf[key], marker="o", label=f"{label} (AUC {auc_s})")
   nn = results["cases"].get("new/new", {}).get("cmc_top1")
   if nn is not None:
     ax.axhline(nn, color="gray", ls="--", lw=0.8, label="new/new top-1")

@@ -91,3 +91,25 @@ def test_unknown_dataset_and_split():
                                    "seed": 0, "image_size": 8, "num_old_shapes": 3})
   with pytest.raises(FCTError, match="unknown split"):
     sources.get_source(cfg, "test")
+
+
+def test_padded_eval_gives_the_same_metrics_as_unpadded():
+  """40 eval images: batch 16 pads the last batch (masked out), batch 8 does not; embeddings and metrics agree."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fct_jax import retrieval  # pylint: disable=g-import-not-at-top
+  from fct_jax.models import small_cnn  # pylint: disable=g-import-not-at-top
+  from fct_jax.stages import common  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"name": "shapes", "num_old_train": 8, "num_new_train": 8, "num_eval": 40,
+                                   "seed": 0, "image_size": 16, "num_old_shapes": 3})
+  src, _ = sources.get_source(cfg, "eval")
+  model = small_cnn.SmallCNN(num_classes=0, embedding_dim=8, widths=(4, 8))
+  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), np.zeros((8, 16, 16, 3), np.float32))
+  padded = common.embed(model, variables, src, batch_size=16)
+  exact = common.embed(model, variables, src, batch_size=8)
+  assert padded.shape == exact.shape == (40, 8)
+  np.testing.assert_allclose(padded, exact, rtol=1e-5, atol=1e-6)
+  labels = common.source_labels(src)
+  a = retrieval.evaluate(padded, padded, labels, labels, query_is_gallery=True)
+  b = retrieval.evaluate(exact, exact, labels, labels, query_is_gallery=True)
+  assert a == b

@@ -249,7 +249,7 @@ def test_config_forms(cfg_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg_name", ("digits", "cifar100"))
+@pytest.mark.parametrize("cfg_name", PAPER_CONFIGS + ("digits",))
 def test_runlocal_end_to_end(cfg_name, tmp_path):
   from fct_jax import experiment  # pylint: disable=g-import-not-at-top
   cfg = importlib.import_module(f"configs.{cfg_name}").get_config("runlocal")

@@ -265,7 +265,11 @@ def _resized_region(img, box, out_h: int, out_w: int, *, draft: bool = True):
   if img.mode != "RGB":
     img = img.convert("RGB")
   sx, sy = img.size[0] / w0, img.size[1] / h0  # < 1 after a draft decode
-  region = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+  # Clamp: boxes computed in float (e.g. face_crop's rounding of the resized size) can overshoot the image by a
+  # fraction of a pixel, which PIL refuses.
+  iw, ih = img.size
+  region = (min(max(left * sx, 0.0), iw), min(max(top * sy, 0.0), ih), min((left + w) * sx, iw),
+            min((top + h) * sy, ih))
   return img.resize((out_w, out_h), Image.BILINEAR, box=region)
 
 
