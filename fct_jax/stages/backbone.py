@@ -14,7 +14,7 @@ classifier, extended to the classes the old model never saw with the old model's
 import jax.numpy as jnp
 import numpy as np
 
-from fct_jax import checkpoint, losses, retrieval, train_lib
+from fct_jax import losses, retrieval, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common
@@ -96,19 +96,11 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   """Trains the backbone and saves ``{params, batch_stats}`` to ``stage_dir/model``."""
   source, info = sources.get_source(cfg.data, cfg.split)
   model = common.build_backbone(cfg, info.num_classes)
-  eval_source = eval_labels = None
-  if cfg.get("eval_split"):
-    eval_source, _ = sources.get_source(cfg.data, cfg.eval_split)
-    eval_labels = common.source_labels(eval_source)
+  eval_source, eval_labels = common.eval_source(cfg)
   old_classifier = None
   if cfg.get("bct", {}).get("old"):
     old_classifier = bct_old_classifier(cfg, ctx, source, info.num_classes, int(cfg.model.embedding_dim))
     print(f"[{cfg.name}] BCT: influence loss (weight {float(cfg.bct.weight)}) through the frozen classifier of "
           f"{cfg.bct.old!r}, extended to {old_classifier.shape[1]} classes with old-model class means", flush=True)
   task = make_task(cfg, model, info.num_classes, eval_source, eval_labels, ctx.mesh, old_classifier)
-  state, history = train_lib.train(cfg=cfg, workdir=stage_dir, task=task, source=source, mesh=ctx.mesh,
-                                   stop_at_step=ctx.stop_at_step)
-  if int(state["step"]) < train_lib.steps_for(cfg.train, len(source))[1]:
-    return False  # stopped early (preempted); the checkpoint lets a rerun resume
-  checkpoint.save_model(stage_dir, {"params": state["params"], **state["model_state"]})
-  return True
+  return common.train_and_save(cfg, stage_dir, ctx, task, source)

@@ -5,7 +5,6 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -82,6 +81,37 @@ def source_labels(source, key: str = "label") -> np.ndarray:
   if arrays is not None and key in arrays:
     return np.asarray(arrays[key])
   return np.asarray([source[i][key] for i in range(len(source))])
+
+
+def eval_source(cfg):
+  """``(source, labels)`` of the stage's optional ``eval_split`` (periodic evaluation), or ``(None, None)``."""
+  if not cfg.get("eval_split"):
+    return None, None
+  source, _ = sources.get_source(cfg.data, cfg.eval_split)
+  return source, source_labels(source)
+
+
+def train_and_save(cfg, stage_dir: str, ctx: Context, task, source) -> bool:
+  """Runs the training loop for a stage and saves its final variables to ``stage_dir/model``.
+
+  Returns whether the stage finished; ``False`` after an early stop (``stop_at_step``), whose checkpoint lets a
+  rerun resume.
+  """
+  state, _ = train_lib.train(cfg=cfg, workdir=stage_dir, task=task, source=source, mesh=ctx.mesh,
+                             stop_at_step=ctx.stop_at_step)
+  if int(state["step"]) < train_lib.steps_for(cfg.train, len(source))[1]:
+    return False
+  checkpoint.save_model(stage_dir, {"params": state["params"], **state["model_state"]})
+  return True
+
+
+def write_stage_results(stage_dir: str, payload, table: str):
+  """The evaluation's plain results in its own stage directory (process 0); the experiment-level results.md/json
+  and plots are the report's (``fct_jax.report.write``)."""
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(stage_dir, "results.json"), payload)
+    checkpoint.write_text(os.path.join(stage_dir, "results.md"), table + "\n")
+    print(table, flush=True)
 
 
 def check_finite_embeddings(x: np.ndarray, what: str):

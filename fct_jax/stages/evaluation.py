@@ -16,12 +16,10 @@ stage name in brackets when two share a kind). For every side-info model the res
 demo: does ψ know the shapes that φ_old threw away?).
 """
 
-import os
-
 import jax
 import numpy as np
 
-from fct_jax import checkpoint, retrieval
+from fct_jax import retrieval
 from fct_jax.data import sources
 from fct_jax.retrieval import cases as cases_lib
 from fct_jax.retrieval import cka as cka_lib
@@ -79,20 +77,16 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   payload = {"cases": results, "num_eval": int(len(labels)), "side_info": kinds[cfg.transformation],
              "feature_mode": feature_modes,
              "side_info_analysis": analysis}
+  common.write_stage_results(stage_dir, payload, table)
   if jax.process_index() == 0:
-    for d in (stage_dir, ctx.workdir):
-      checkpoint.write_json(os.path.join(d, "results.json"), payload)
-      with open(os.path.join(d, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table, flush=True)
     for name, a in analysis.items():
       for probe in ("knn_top1", "linear_probe"):
         scores = "; ".join(f"{f} ψ {a[probe][f]:.1f} / old {a[probe + '_old'][f]:.1f} / new "
                            f"{a[probe + '_new'][f]:.1f}" for f in a[probe])
         print(f"[{cfg.name}] side-info {name}: {probe} % {scores}", flush=True)
       print(f"[{cfg.name}] side-info {name}: CKA(φ_old, ψ) {a['cka_old']:.3f}", flush=True)
-  # The experiment's report (results.md/.json with CMC curves, CKA, cost, backfilling, plots) replaces the plain
-  # table in the experiment workdir; every process computes (the kernel's mesh may span hosts), process 0 writes.
+  # The experiment's results.md/.json (CMC curves, CKA, cost, backfilling, plots) are the report's; every process
+  # computes (the kernel's mesh may span hosts), process 0 writes.
   from fct_jax import report  # pylint: disable=g-import-not-at-top
   report.write(ctx.workdir, payload, emb, labels, cfg=cfg, mesh=ctx.mesh)
   return True

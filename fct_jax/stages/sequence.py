@@ -11,13 +11,9 @@ Config (``configs/common.sequence_evaluation_stage``): ``backbones`` (stage name
 ``hops=[["h2", "g2"], ["h3", ""]]``. Writes ``results.json`` / ``results.md`` into the stage and experiment dirs.
 """
 
-import os
-
-import jax
 import ml_collections
 import numpy as np
 
-from fct_jax import checkpoint
 from fct_jax.data import sources
 from fct_jax.errors import FCTError
 from fct_jax.retrieval import cases as cases_lib
@@ -90,12 +86,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   payload = {"cases": results, "num_eval": int(len(labels)),
              "rows": {r.name: {"query": r.query, "hops": [list(h) for h in r.hops]} for r in rows},
              "feature_mode": {s: transformation.feature_mode(c) for s, (_, c, _) in hs.items()}}
-  if jax.process_index() == 0:
-    for d in (stage_dir, ctx.workdir):
-      checkpoint.write_json(os.path.join(d, "results.json"), payload)
-      with open(os.path.join(d, "results.md"), "w") as f:
-        f.write(table + "\n")
-    print(table, flush=True)
+  common.write_stage_results(stage_dir, payload, table)
   from fct_jax import report  # pylint: disable=g-import-not-at-top  (report imports the gallery, which imports stages)
   # The experiment-level results.md/json and plots, including the compatibility matrix of the v_i rows.
   report.write(ctx.workdir, payload, gallery, labels, cfg=cfg, mesh=ctx.mesh)

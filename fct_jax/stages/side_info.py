@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fct_jax import checkpoint, losses, models, retrieval, train_lib
+from fct_jax import losses, models, retrieval, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import backbone, common
@@ -213,17 +213,9 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   """Trains ψ and saves its variables to ``stage_dir/model``."""
   model = build_model(cfg)
   source, _ = sources.get_source(cfg.data, cfg.split)
-  eval_source = eval_labels = None
-  if cfg.get("eval_split"):
-    eval_source, _ = sources.get_source(cfg.data, cfg.eval_split)
-    eval_labels = common.source_labels(eval_source)
+  eval_source, eval_labels = common.eval_source(cfg)
   task = make_task(cfg, model, eval_source, eval_labels, ctx.mesh)
-  state, _ = train_lib.train(cfg=cfg, workdir=stage_dir, task=task, source=source, mesh=ctx.mesh,
-                             stop_at_step=ctx.stop_at_step)
-  if int(state["step"]) < train_lib.steps_for(cfg.train, len(source))[1]:
-    return False  # stopped early (preempted); the checkpoint lets a rerun resume
-  checkpoint.save_model(stage_dir, {"params": state["params"], **state["model_state"]})
-  return True
+  return common.train_and_save(cfg, stage_dir, ctx, task, source)
 
 
 # --------------------------------------------------------------------------------------------- loading

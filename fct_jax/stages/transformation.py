@@ -301,12 +301,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     return h.init({"params": rng}, jnp.zeros(old.shape), jnp.zeros(psi.shape), train=False)
 
   task = train_lib.Task(name=cfg.name, init=init, loss=make_loss(h, batch_features, switch_step), **task_kw)
-  state, _ = train_lib.train(cfg=cfg, workdir=stage_dir, task=task, source=train_source, mesh=ctx.mesh,
-                             stop_at_step=ctx.stop_at_step)
-  if int(state["step"]) < total:
-    return False
-  checkpoint.save_model(stage_dir, {"params": state["params"], **state["model_state"]})
-  return True
+  return common.train_and_save(cfg, stage_dir, ctx, task, train_source)
 
 
 def load_h(ctx, stage: str, needed_by: str):
