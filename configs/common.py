@@ -45,17 +45,44 @@ def train(*, batch_size: int, epochs: float, optimizer_cfg, steps: int = 0, log_
       "checkpoint_every_steps": checkpoint_every_steps, "keep_checkpoints": 2, "num_data_threads": 2})
 
 
+LOSS_KINDS = ("softmax", "arcface")
+
+
+def loss_block(*, label_smoothing: float, loss_kind: str = "softmax", arcface_scale: float = 64.0,
+               arcface_margin: float = 0.5) -> dict:
+  """The ``loss`` block of the classification-trained stages (backbones, alternate old models)."""
+  if loss_kind not in LOSS_KINDS:
+    raise ValueError(f"unknown loss_kind {loss_kind!r}; valid: {', '.join(LOSS_KINDS)}")
+  return {"kind": loss_kind, "label_smoothing": label_smoothing, "arcface_scale": float(arcface_scale),
+          "arcface_margin": float(arcface_margin)}
+
+
+def with_head(model, head: str = "") -> ml_collections.ConfigDict:
+  """A copy of the model block with ``head`` set ("linear" or "arcface"; "" keeps the block's own, else linear)."""
+  m = ml_collections.ConfigDict(model.to_dict() if hasattr(model, "to_dict") else dict(model))
+  m.head = head or m.get("head", "linear") or "linear"
+  return m
+
+
 def backbone_stage(name: str, *, data, split: str, model, train_cfg, seed: int, label_smoothing: float = 0.1,
                    augment: str = "none", eval_split: str = "", eval_batch_size: int = 256, bct_old: str = "",
-                   bct_weight: float = 1.0):
-  """φ_old / φ_new: softmax cross-entropy with label smoothing on ``split``.
+                   bct_weight: float = 1.0, loss_kind: str = "softmax", arcface_scale: float = 64.0,
+                   arcface_margin: float = 0.5):
+  """φ_old / φ_new: softmax cross-entropy (or ArcFace) with label smoothing on ``split``.
 
+  ``loss_kind="arcface"``: the ArcFace loss with scale ``arcface_scale`` and angular margin ``arcface_margin``
+  (ArcFace's s = 64, m = 0.5); the model block must then have ``head="arcface"`` (the stage refuses a mismatch).
+  The stage's model block always carries ``head`` (default "linear"), so ``--config.model.head=arcface
+  --config.loss.kind=arcface`` switches a stage to ArcFace from the command line.
   ``bct_old`` (a finished backbone stage) makes it BCT's new model: + ``bct_weight`` × the influence loss through
-  that stage's frozen classifier, extended with its class means for the classes it never saw.
+  that stage's frozen classifier (and with that stage's own loss), extended with its class means for the classes
+  it never saw.
   """
   return ml_collections.ConfigDict({
-      "name": name, "kind": "backbone", "seed": seed, "data": data, "split": split, "model": model,
-      "loss": {"label_smoothing": label_smoothing}, "bct": {"old": bct_old, "weight": bct_weight},
+      "name": name, "kind": "backbone", "seed": seed, "data": data, "split": split, "model": with_head(model),
+      "loss": loss_block(label_smoothing=label_smoothing, loss_kind=loss_kind, arcface_scale=arcface_scale,
+                         arcface_margin=arcface_margin),
+      "bct": {"old": bct_old, "weight": bct_weight},
       "train": train_cfg, "augment": augment,
       "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
@@ -63,24 +90,30 @@ def backbone_stage(name: str, *, data, split: str, model, train_cfg, seed: int, 
 def side_info_stage(name: str, *, method: str = "simclr", data, split: str, model, train_cfg, seed: int,
                     projection_hidden_dim: int = 2048, projection_dim: int = 128, projection_layers: int = 2,
                     temperature: float = 0.1, views=None, label_smoothing: float = 0.1, mixup_alpha: float = 0.2,
-                    augment: str = "none", eval_split: str = "", eval_batch_size: int = 256):
+                    augment: str = "none", eval_split: str = "", eval_batch_size: int = 256,
+                    loss_kind: str = "softmax", arcface_scale: float = 64.0, arcface_margin: float = 0.5):
   """ψ: the side-information model, trained on ``split`` (images only, except for the alternate old models).
 
   ``method``: simclr | autoencoder | alt_old | alt_old_mixup (see ``fct_jax/stages/side_info.py``). The width of
   ψ is ``model.embedding_dim``. ``simclr`` uses the ``simclr`` block (projection head, temperature, two-view
   augmentation ``views``: keyword arguments of ``augment.simclr_view``); the others use ``augment`` (a train
-  transform), ``loss.label_smoothing`` and ``mixup.alpha``.
+  transform), ``loss.label_smoothing`` and ``mixup.alpha``; ``alt_old`` also ``loss.kind`` (``loss_kind``,
+  ``arcface_scale``, ``arcface_margin`` as in :func:`backbone_stage`: an ArcFace alternate old model).
   """
   v = {"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5, "jitter_prob": 0.8,
        "grayscale_prob": 0.2, "blur_prob": 0.0}
   v.update(views or {})
+  if method in ("alt_old", "alt_old_mixup"):  # classifiers: the head is explicit, as in backbone_stage
+    model = with_head(model)
   return ml_collections.ConfigDict({
       "name": name, "kind": "side_info", "method": method, "seed": seed, "data": data, "split": split,
       "model": model, "train": train_cfg,
       "simclr": {"projection": {"hidden_dim": projection_hidden_dim, "out_dim": projection_dim,
                                 "num_layers": projection_layers},
                  "temperature": temperature, "augment": "simclr", "views": v},
-      "loss": {"label_smoothing": label_smoothing}, "mixup": {"alpha": mixup_alpha}, "augment": augment,
+      "loss": loss_block(label_smoothing=label_smoothing, loss_kind=loss_kind, arcface_scale=arcface_scale,
+                         arcface_margin=arcface_margin),
+      "mixup": {"alpha": mixup_alpha}, "augment": augment,
       "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
 
 

@@ -12,6 +12,10 @@ ml-fct only downloads pretrained SimCLR weights. BCT baseline: the new model's r
 through the old model's frozen classifier. The plan: old, side_info, new, bct_new, transformation_none (ψ = 0),
 transformation (ψ = SimCLR), eval — its table has every Table-1 row.
 
+VGGFace2 (Table 3) changes two things: ``loss_kind="arcface"`` trains every classification model (old, new,
+bct_new, the alternate old models) with an ArcFace head and loss, and ``side_info_method="alt_old"`` makes ψ the
+paper's *alternate old model* (the old model's recipe, another seed) instead of SimCLR.
+
 Each dataset config supplies its data block, backbones and transforms; ``runlocal`` swaps in tiny models,
 ``tfds.testing.mock_data`` examples (no dataset needed) and 32-pixel versions of the same transforms.
 """
@@ -48,7 +52,8 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
                      backbone_epochs: float = 100, h_epochs: float = 80, h_inner_dim: int = 2048,
                      label_smoothing: float = 0.1, eval_batch_size: int = 1024,
                      runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = "",
-                     paper_table: str = ""):
+                     paper_table: str = "", loss_kind: str = "softmax", arcface_scale: float = 64.0,
+                     arcface_margin: float = 0.5, side_info_method: str = "simclr"):
   """Stages old → side_info → new → bct_new → transformation_none → transformation → eval, reference recipe.
 
   Args:
@@ -59,7 +64,13 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
     train_augment, eval_augment: transform names (``augment.TRAIN_TRANSFORMS`` / ``augment.EVAL_TRANSFORMS``).
     runlocal_data, runlocal_train_augment, runlocal_eval_augment: their tiny counterparts.
     paper_table: the paper's table of this experiment (``fct_jax.report.PAPER_TABLES``), shown beside ours.
+    loss_kind: "softmax" (linear heads, the reference recipe) or "arcface" (ArcFace heads and loss with
+      ``arcface_scale``, ``arcface_margin`` for every classification-trained model, runlocal included).
+    side_info_method: ψ of the ``side_info`` stage (and of ``transformation``): "simclr" (the reference recipe,
+      trained like SimCLR) or "alt_old" (another run of the old model's recipe, seed 4; the paper's VGGFace2 ψ).
   """
+  if side_info_method not in ("simclr", "alt_old"):
+    raise ValueError(f"unknown side_info_method {side_info_method!r}; valid: simclr, alt_old")
   if a.runlocal:
     data = runlocal_data
     old_model = new_model = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 8, "widths": (4, 8),
@@ -77,33 +88,43 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
       return common.train(batch_size=BATCH, epochs=epochs, optimizer_cfg=opt, log_every_steps=100,
                           checkpoint_every_steps=1000)
 
+  if loss_kind == "arcface":
+    old_model, new_model = common.with_head(old_model, "arcface"), common.with_head(new_model, "arcface")
+  # Every classification-trained stage: the loss, and its label smoothing.
+  cls = dict(label_smoothing=label_smoothing, loss_kind=loss_kind, arcface_scale=arcface_scale,
+             arcface_margin=arcface_margin)
   h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": h_inner_dim})
   side_model = ml_collections.ConfigDict(old_model.to_dict())
   views = ({"out_size": 32, "crop_scale": (0.08, 1.0), "jitter_strength": 1.0, "blur_prob": 0.0} if a.runlocal
            else {"out_size": 224, "crop_scale": (0.08, 1.0), "jitter_strength": 1.0, "blur_prob": 0.5})
   h_common = dict(data=data, split="new_train", model=h_model, augment=train_augment)
+  if side_info_method == "alt_old":
+    # The alternate old model: φ_old's architecture, recipe, data and loss; only the seed differs (paper §5.1).
+    side_stage = common.side_info_stage("side_info", method="alt_old", data=data, split="old_train",
+                                        model=old_model, train_cfg=train(backbone_sgd(), backbone_epochs), seed=4,
+                                        augment=train_augment, eval_batch_size=eval_batch_size, **cls)
+  else:
+    # ψ is trained at old time on the old training images, without their labels.
+    side_stage = common.side_info_stage("side_info", method="simclr", data=data, split="old_train",
+                                        model=side_model,
+                                        train_cfg=train(simclr_lars(), backbone_epochs), seed=4, temperature=0.1,
+                                        views=views, projection_hidden_dim=16 if a.runlocal else 2048,
+                                        projection_dim=8 if a.runlocal else 128, eval_batch_size=eval_batch_size)
   stages = [
       common.backbone_stage("old", data=data, split="old_train", model=old_model,
-                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=1,
-                            label_smoothing=label_smoothing, augment=train_augment,
-                            eval_batch_size=eval_batch_size),
-      # ψ is trained at old time on the old training images, without their labels.
-      common.side_info_stage("side_info", method="simclr", data=data, split="old_train", model=side_model,
-                             train_cfg=train(simclr_lars(), backbone_epochs), seed=4, temperature=0.1,
-                             views=views, projection_hidden_dim=16 if a.runlocal else 2048,
-                             projection_dim=8 if a.runlocal else 128, eval_batch_size=eval_batch_size),
+                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=1, augment=train_augment,
+                            eval_batch_size=eval_batch_size, **cls),
+      side_stage,
       common.backbone_stage("new", data=data, split="new_train", model=new_model,
-                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2,
-                            label_smoothing=label_smoothing, augment=train_augment,
-                            eval_batch_size=eval_batch_size),
+                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2, augment=train_augment,
+                            eval_batch_size=eval_batch_size, **cls),
       common.backbone_stage("bct_new", data=data, split="new_train", model=new_model,
-                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2,
-                            label_smoothing=label_smoothing, augment=train_augment,
-                            eval_batch_size=eval_batch_size, bct_old="old"),
+                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2, augment=train_augment,
+                            eval_batch_size=eval_batch_size, bct_old="old", **cls),
       common.transformation_stage("transformation_none", train_cfg=train(transformation_adam(), h_epochs), seed=3,
                                   **h_common),
       common.transformation_stage("transformation", train_cfg=train(transformation_adam(), h_epochs), seed=3,
-                                  side_info_kind="simclr", side_info_dim=int(side_model.embedding_dim),
+                                  side_info_kind=side_info_method, side_info_dim=int(side_model.embedding_dim),
                                   side_info_stage="side_info", **h_common),
   ]
   compared = ["transformation_none", "transformation"]
@@ -114,13 +135,17 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
     ae_model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": int(side_model.embedding_dim)})
     if a.runlocal:
       ae_model.settings = ((1, 8, 1, 2),)
-    for method, short, m, opt, aug in (
-        ("autoencoder", "ae", ae_model, transformation_adam, train_augment),
-        ("alt_old", "alt", old_model, backbone_sgd, train_augment),
-        ("alt_old_mixup", "altmix", old_model, backbone_sgd, train_augment)):
+    # The mixup model trains with soft cross-entropy on its logits (stages/side_info.py: mixup_task has no
+    # ArcFace loss), so under loss_kind="arcface" it keeps a linear head and the softmax loss.
+    softmax = dict(cls, loss_kind="softmax")
+    mix_model = common.with_head(old_model, "linear")
+    for method, short, m, opt, aug, loss_kw in (
+        ("autoencoder", "ae", ae_model, transformation_adam, train_augment, softmax),
+        ("alt_old", "alt", old_model, backbone_sgd, train_augment, cls),
+        ("alt_old_mixup", "altmix", mix_model, backbone_sgd, train_augment, softmax)):
       stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
                                            train_cfg=train(opt(), backbone_epochs), seed=5, augment=aug,
-                                           label_smoothing=label_smoothing, eval_batch_size=eval_batch_size))
+                                           eval_batch_size=eval_batch_size, **loss_kw))
       stages.append(common.transformation_stage(f"transformation_{short}",
                                                 train_cfg=train(transformation_adam(), h_epochs), seed=3,
                                                 side_info_kind=method, side_info_dim=int(side_model.embedding_dim),

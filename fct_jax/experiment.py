@@ -22,7 +22,7 @@ from etils import epath
 
 from fct_jax import checkpoint, sharding
 from fct_jax.errors import FCTError
-from fct_jax.stages import STAGE_KINDS
+from fct_jax.stages import STAGE_KINDS, backbone
 from fct_jax.stages.common import Context
 
 # Fields that do not change what a stage computes; they may differ between a run and its resume.
@@ -41,9 +41,15 @@ def _flatten(d, prefix=""):
   return out
 
 
+# Fields added to the stage configs after workdirs existed, with the value their absence meant: a stage saved before
+# (no such key in its config.json) still matches a config that spells the default out.
+ADDED_DEFAULTS = {"loss.kind": "softmax", "loss.arcface_scale": 64.0, "loss.arcface_margin": 0.5,
+                  "model.head": "linear"}
+
+
 def _normalise(cfg_dict):
-  """JSON round trip (tuples → lists) minus bookkeeping fields, flattened."""
-  flat = _flatten(json.loads(json.dumps(cfg_dict)))
+  """JSON round trip (tuples → lists) minus bookkeeping fields, flattened, :data:`ADDED_DEFAULTS` filled in."""
+  flat = {**ADDED_DEFAULTS, **_flatten(json.loads(json.dumps(cfg_dict)))}
   return {k: v for k, v in flat.items() if k not in BOOKKEEPING}
 
 
@@ -106,6 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
   for name, scfg in todo:  # validate everything before touching the disk
     if scfg.get("kind") not in STAGE_KINDS:
       raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
+    backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
   workdir = checkpoint.abspath(workdir)
   _check_experiment(config, workdir)
   for name, scfg in todo:
@@ -230,6 +237,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
   for name, scfg in todo:
     if scfg.get("kind") not in STAGE_KINDS:
       raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
+    backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
   workdir = checkpoint.abspath(workdir)
   experiment = config.get("experiment", "")
   print(f"dry run: experiment {experiment!r}, {len(todo)} stage(s), workdir {workdir} "

@@ -160,24 +160,43 @@ def bct_extend_classifier(*, old_classifier, feature_sums, counts):
   return jnp.concatenate([old_classifier.astype(jnp.float32), means[c_old:].T.astype(jnp.float32)], axis=1)
 
 
-def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing: float = 0.0):
-  """BCT's influence loss: cross-entropy of the new embedding through the frozen old classifier.
+LOSS_KINDS = ("softmax", "arcface")
+
+
+def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing: float = 0.0,
+                       kind: str = "softmax", scale: float = 64.0, margin: float = 0.5):
+  """BCT's influence loss: the old model's own classification loss of the new embedding through its frozen classifier.
 
   The old classifier receives no gradient (``stop_gradient``): only φ_new learns to live in the old space.
+  ``kind="softmax"``: cross-entropy of φ_new · W (the old linear head). ``kind="arcface"`` (an old model trained
+  with an ``ArcFaceHead``): the cosines between the normalised φ_new and the normalised columns of W go through
+  ``arcface_loss`` with the old model's ``scale`` and ``margin`` — the head and loss the old model was trained with.
 
   Args:
     new_embedding: [B, D] φ_new(x); D must equal the old embedding width.
     old_classifier: [D, C] frozen (possibly ``bct_extend_classifier``-extended) kernel.
     labels: [B] int class ids in [0, C).
     label_smoothing: ε.
+    kind: the old model's loss, "softmax" or "arcface".
+    scale, margin: the old model's ArcFace s and m (``kind="arcface"`` only).
   Returns:
     scalar float32.
   """
   if new_embedding.shape[-1] != old_classifier.shape[0]:
     raise ValueError(f"BCT needs equal embedding widths: new {new_embedding.shape[-1]} vs old classifier "
                      f"{old_classifier.shape[0]}")
-  logits = jnp.dot(new_embedding.astype(jnp.float32), jax.lax.stop_gradient(old_classifier).astype(jnp.float32))
-  return softmax_cross_entropy(logits=logits, labels=labels, label_smoothing=label_smoothing)
+  if kind not in LOSS_KINDS:
+    raise ValueError(f"unknown BCT influence loss kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
+  emb = new_embedding.astype(jnp.float32)
+  w = jax.lax.stop_gradient(old_classifier).astype(jnp.float32)
+  if kind == "arcface":
+    # The ArcFaceHead's cosines (same normalisation, eps as F.normalize); a zero column (a new class without
+    # examples) gives cosine 0.
+    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    w = w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), 1e-12)
+    cosine = jnp.clip(jnp.dot(emb, w), -1.0, 1.0)
+    return arcface_loss(cosine=cosine, labels=labels, scale=scale, margin=margin, label_smoothing=label_smoothing)
+  return softmax_cross_entropy(logits=jnp.dot(emb, w), labels=labels, label_smoothing=label_smoothing)
 
 
 def mixup_with(*, images, labels, num_classes: int, lam, perm, mix_labels: bool = False):

@@ -227,8 +227,16 @@ def test_config_forms(cfg_name):
     # Every Table-1 row: SimCLR side-info, BCT baseline, h without and with ψ.
     assert full.plan == ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "eval"]
     side = full.stages["side_info"]
-    assert side["method"] == "simclr" and side["split"] == "old_train"
-    assert side["train"]["optimizer"]["name"] == "lars"
+    if cfg_name == "vggface2":  # Table 3: ArcFace everywhere, the alternate old model as side-information
+      assert side["method"] == "alt_old" and side["train"]["optimizer"]["name"] == "momentum"
+      assert full.stages["transformation"]["side_info"]["kind"] == "alt_old"
+      assert all(full.stages[s]["loss"]["kind"] == "arcface" and full.stages[s]["model"]["head"] == "arcface"
+                 for s in ("old", "side_info", "new", "bct_new"))
+    else:
+      assert side["method"] == "simclr" and side["train"]["optimizer"]["name"] == "lars"
+      assert full.stages["transformation"]["side_info"]["kind"] == "simclr"
+      assert full.stages["old"]["loss"]["kind"] == "softmax" and full.stages["old"]["model"]["head"] == "linear"
+    assert side["split"] == "old_train"
     assert full.stages["transformation"]["side_info"]["stage"] == "side_info"
     assert full.stages["bct_new"]["bct"]["old"] == "old"
     assert full.stages["eval"]["bct"] == "bct_new"
@@ -237,7 +245,8 @@ def test_config_forms(cfg_name):
     opt = old["train"]["optimizer"]
     assert (opt["name"], opt["lr"], opt["momentum"], opt["weight_decay"], opt["warmup_epochs"]) == (
         "momentum", 1.024, 0.875, 3.0517578125e-5, 5)
-    assert old["train"]["epochs"] == 100 and old["loss"]["label_smoothing"] == 0.1
+    # ArcFace's recipe has no label smoothing.
+    assert old["train"]["epochs"] == 100 and old["loss"]["label_smoothing"] == (0.0 if cfg_name == "vggface2" else 0.1)
     h = full.stages["transformation"]
     assert (h["train"]["optimizer"]["name"], h["train"]["optimizer"]["lr"], h["train"]["epochs"]) == (
         "adam", 5e-4, 80)

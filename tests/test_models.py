@@ -183,6 +183,9 @@ def test_arcface_head():
   shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), _images(2)))
   assert shapes[1]["params"]["classifier"]["kernel"].shape == (EMB, 3)
   assert shapes[0]["logits"].shape == (2, 3)
+  small = get_model("small_cnn", num_classes=3, embedding_dim=EMB, widths=(4,), head="arcface")
+  out, v = small.init_with_output(jax.random.key(0), _images(2))
+  assert v["params"]["classifier"]["kernel"].shape == (EMB, 3) and float(jnp.max(jnp.abs(out["logits"]))) <= 1.0
   with pytest.raises(ValueError, match="valid heads"):
     jax.eval_shape(lambda: get_model("resnet18", num_classes=3, head="cosface", **TINY["resnet18"]).init(
         jax.random.key(0), _images(2)))

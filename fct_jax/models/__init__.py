@@ -1,7 +1,7 @@
 """Model registry: ``MODELS[name](**kwargs)`` returns a Flax module whose ``__call__`` returns a dict of outputs.
 
 Backbones (``resnet*``, ``wide_resnet*``, ``mobilenet_v2``, ``small_cnn``) take ``num_classes``, ``embedding_dim``,
-``last_nonlin``, ``norm_feature``, ``dtype`` and return ``{"embedding", "logits", <named stages>}``;
+``last_nonlin``, ``norm_feature``, ``head`` (``linear`` | ``arcface``), ``dtype`` and return ``{"embedding", "logits", <named stages>}``;
 ``autoencoder`` returns ``{"embedding", "reconstruction", ...}``; ``fct_mlp`` takes ``old_dim, side_dim, new_dim,
 inner_dim`` and returns ``{"embedding"}``. Heads live in ``HEADS``.
 """

@@ -1,13 +1,16 @@
 """A small CNN backbone for the embedded demo data and for tests.
 
 It follows the same output contract as the paper's backbones: a dict with ``embedding`` (after an optional final
-ReLU, global-average-pooled, like ml-fct's ResNets) and ``logits`` from a bias-free linear classifier.
+ReLU, global-average-pooled, like ml-fct's ResNets) and ``logits`` from a bias-free linear classifier — or, with
+``head="arcface"``, the cosines of an ``ArcFaceHead`` (the ArcFace runlocal forms).
 """
 
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from fct_jax.models.heads import make_classifier
 
 
 class SmallCNN(nn.Module):
@@ -20,6 +23,7 @@ class SmallCNN(nn.Module):
     stem_stride: stride of the first stage (2 quarters the compute on 32×32 demo images).
     last_nonlin: ReLU after the embedding projection (ml-fct's ``last_nonlin``).
     norm_feature: L2-normalise the embedding before the classifier.
+    head: classifier kind, "linear" or "arcface" (``logits`` are then cosines).
     dtype: compute dtype (parameters stay float32).
   """
   num_classes: int
@@ -28,6 +32,7 @@ class SmallCNN(nn.Module):
   stem_stride: int = 1
   last_nonlin: bool = True
   norm_feature: bool = False
+  head: str = "linear"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -50,7 +55,10 @@ class SmallCNN(nn.Module):
     if self.norm_feature:
       emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
     out["embedding"] = emb
-    if self.num_classes:
+    if self.num_classes and self.head != "linear":
+      out["logits"] = make_classifier(self.head, self.num_classes, False, self.dtype)(emb)
+    elif self.num_classes:
+      # Flax's Dense (lecun_normal init), kept as it was so that linear-head runs do not change.
       out["logits"] = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype,
                                name="classifier")(emb).astype(jnp.float32)
     return out
