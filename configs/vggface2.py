@@ -21,7 +21,8 @@ set" — as query and gallery (25,000 images). Faces: the loose box grown by 30%
 (random + flip for training, central for evaluation), VGGFace2's own protocol.
 
 Training (paper §4.3, Table 3): old, new and bct_new train with the ArcFace objective (``model.head=arcface``,
-``loss.kind=arcface``, s = 64, m = 0.5 as in ArcFace) and without label smoothing (ArcFace's recipe); the
+``loss.kind=arcface``, s = 64, m = 0.5 as in ArcFace) and without label smoothing (ArcFace's recipe), with
+L2-normalised embeddings (``model.norm_feature``: ArcFace learns directions, so L2 ranking = cosine ranking); the
 side-information is the *alternate old model*: ``side_info`` is another run of the old model's recipe (ResNet18-128,
 ArcFace, the old training set) with another seed, and ``transformation`` uses it (``side_info.kind=alt_old``). BCT's
 influence loss goes through the old model's ArcFace head with its ArcFace loss (see ``fct_jax/stages/backbone.py``).
@@ -45,11 +46,16 @@ from configs import imagenet, recipes
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   a = recipes.parse(arg)
-  resnet18 = ml_collections.ConfigDict({"name": "resnet18", "embedding_dim": 128, "last_nonlin": True})
+  # ArcFace learns directions (its logits are cosines) and leaves the feature length free: retrieval, BCT and the
+  # transformation use the L2-normalised embedding, so that L2 ranking is cosine ranking.
+  resnet18 = ml_collections.ConfigDict({"name": "resnet18", "embedding_dim": 128, "last_nonlin": True,
+                                        "norm_feature": True})
+  resnet50 = imagenet.resnet50(128)
+  resnet50.norm_feature = True
   return recipes.paper_experiment(
       "vggface2", a,
       data=recipes.tfds_data("vggface2", a, eval_per_class=50, eval_subsample_seed=0),
-      old_model=resnet18, new_model=imagenet.resnet50(128),
+      old_model=resnet18, new_model=resnet50,
       train_augment="face_crop_flip", eval_augment="face_crop",
       # Mock labels are uniform over all 9,131 subjects: a larger "old" set keeps a few batches of examples.
       runlocal_data=recipes.tfds_data("vggface2", a, mock_num_examples=64, image_size=32, old_classes=4600,
