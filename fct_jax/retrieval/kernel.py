@@ -58,11 +58,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-COUNT_METHODS = ("auto", "columns", "histogram", "reduce")
+COUNT_METHODS = ("auto", "histogram", "reduce")
 # Above this many thresholds the bucket loop is rolled (lax.fori_loop) to bound compile time.
 _UNROLL_MAX = 128
-# Gallery rows per loop step of the "columns" counter; chunks are multiples of it.
-_COLUMN_UNROLL = 16
 
 
 class RankStats(NamedTuple):
@@ -154,35 +152,6 @@ def _count_histogram(s, gidx, t, t_star, j_star):
   return hist
 
 
-def _count_columns(s_t, gidx, t, t_star, j_star, unroll: int):
-  """Column counting on transposed scores ``s_t`` (C, B). Returns (B, P+1) int32: rank_le per threshold, first_rank.
-
-  Per-threshold counts kept in (P, B) accumulators with the queries on the minor (vector) axis: each gallery row
-  updates all P × B counters with one fused, vectorised compare-add, ``unroll`` rows per loop step. No histogram
-  scatter and no row reduction (both scalar loops on XLA:CPU).
-  """
-  c, b = s_t.shape
-  t_t = t.T  # (P, B)
-  ts, js = t_star[None, :], j_star[None, :]
-
-  def body(i, acc):
-    gt, lt_star, tie = acc
-    rows = lax.dynamic_slice_in_dim(s_t, i * unroll, unroll, 0)
-    ids = lax.dynamic_slice_in_dim(gidx, i * unroll, unroll, 0)
-    for u in range(unroll):
-      r = rows[u:u + 1]
-      gt = gt + (t_t < r).astype(jnp.int32)
-      lt_star = lt_star + (r < ts).astype(jnp.int32)
-      tie = tie + ((r == ts) & (ids[u] < js)).astype(jnp.int32)
-    return gt, lt_star, tie
-
-  zeros = lambda rows: jnp.zeros((rows, b), jnp.int32)
-  gt, lt_star, tie = lax.fori_loop(0, c // unroll, body, (zeros(t_t.shape[0]), zeros(1), zeros(1)))
-  # s ≤ t_j ⟺ not (t_j < s): +inf scores (self, padding) are above every finite threshold, so never counted.
-  rank_le = c - gt
-  return jnp.concatenate([rank_le, lt_star + tie], axis=0).T
-
-
 def _count_reduce(s, gidx, t, t_star, j_star):
   """Variadic-reduction counting. Returns (B, P+1) int32: rank_le for each threshold, then first_rank."""
   p = t.shape[1]
@@ -199,22 +168,10 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
   """A jitted function (q, q_cls, q_idx, g, g_sq, table) -> (num_pos, first_rank, ap), cached per static config."""
   n_chunks = n_local // chunk
   inf = jnp.float32(jnp.inf)
-  if method == "columns":
-    count_fn = functools.partial(_count_columns, unroll=_COLUMN_UNROLL)
-  else:
-    count_fn = _count_histogram if method == "histogram" else _count_reduce
-
-  # "columns" works on transposed score blocks (C, B): the queries on the minor axis.
-  transposed = method == "columns"
+  count_fn = _count_histogram if method == "histogram" else _count_reduce
 
   def scores(q, q_idx, g, g_sq, gidx):
     # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours.
-    if transposed:
-      s = g_sq[:, None] - 2.0 * jnp.dot(g, q.T, precision=lax.Precision.HIGHEST)
-      bad = gidx[:, None] >= n_total
-      if self_exclude:
-        bad = bad | (gidx[:, None] == q_idx[None, :])
-      return jnp.where(bad, inf, s)
     s = g_sq[None, :] - 2.0 * jnp.dot(q, g.T, precision=lax.Precision.HIGHEST)
     bad = gidx[None, :] >= n_total  # gallery padding
     if self_exclude:
@@ -237,10 +194,7 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
       def thresholds_of(c, s):
         local = pos - (offset + c * chunk)
         inside = valid & (local >= 0) & (local < chunk)
-        if transposed:
-          got = jnp.take_along_axis(s, jnp.clip(local, 0, chunk - 1).T, axis=0).T
-        else:
-          got = jnp.take_along_axis(s, jnp.clip(local, 0, chunk - 1), axis=1)
+        got = jnp.take_along_axis(s, jnp.clip(local, 0, chunk - 1), axis=1)
         return jnp.where(inside, got, inf)
 
       if n_chunks == 1:
@@ -350,7 +304,7 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
   block = max(1, min(query_block, m))
   if gallery_chunk is None:
     gallery_chunk = max(256, max_block_bytes // (4 * block))
-  chunk = min(_round_up(per_dev, _COLUMN_UNROLL), _round_up(gallery_chunk, _COLUMN_UNROLL))
+  chunk = min(_round_up(per_dev, 8), _round_up(gallery_chunk, 8))
   n_local = _round_up(per_dev, chunk)
   n_pad = n_local * n_dev
   m_pad = _round_up(m, block)
