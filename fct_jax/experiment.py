@@ -281,7 +281,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
         side = scfg.get("side_info", {})
         line += (f"\n     from {scfg.get('old', 'old')} → {scfg.get('new', 'new')}, side-info "
                  f"{side.get('kind', 'none')}{' (' + side.get('stage') + ')' if side.get('stage') else ''}, "
-                 f"features {'cached' if scfg.get('cache_features') else 'online'}")
+                 f"features {scfg.get('feature_mode', 'cached' if scfg.get('cache_features') else 'online')}")
       if scfg.kind == "evaluation":
         compare = ", ".join(scfg.get("compare_transformations", ()))
         line += (f"\n     h from {scfg.get('transformation')}" + (f"; compared: {compare}" if compare else "")

@@ -9,6 +9,19 @@ guard.
 Train state is a plain pytree ``{"step", "params", "model_state", "opt_state"}``; ``model_state`` holds non-trained
 collections such as ``batch_stats``. Frozen models (old, new, side-info) live in ``Task.frozen`` and are passed to
 the step as a separate, replicated, never-differentiated argument.
+
+Two data paths:
+
+* examples (the default): a random-access source, the per-example transform and the grain pipeline assemble each
+  global batch on the hosts; one jitted call per optimizer step.
+* arrays (``Task.arrays`` + ``Task.indices``, for data that is already vectors, e.g. the transformation's cached
+  features): the arrays are placed on the devices once, their rows sharded over the mesh's ``data`` axis; the
+  hosts only compute each step's global row indices, and one jitted call runs up to ``train.steps_per_call``
+  optimizer steps (an on-device ``fori_loop`` that gathers each step's batch by index). Calls end early at every
+  step where something happens on the host (logging, evaluation, checkpointing, the end), so those cadences land
+  on exactly the configured steps, and preemption is noticed at the end of a call. The loop's trip count is a
+  traced value, so every call runs the same compiled body whatever its length: the result does not depend on
+  ``steps_per_call`` or on where a run was interrupted and resumed (bit-identical on a given device set).
 """
 
 import contextlib
@@ -24,6 +37,7 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from fct_jax import checkpoint, optim, sharding, writers
 from fct_jax.data import pipeline
@@ -46,10 +60,13 @@ class Task:
     evaluate: optional ``evaluate(state) -> dict of floats``, run every ``eval_every_steps`` and at the end.
     transform: per-example training transform ``fn(example, rng) -> example``.
     keys: example fields that go into a batch.
-    batches: optional ``batches(start_step, num_steps) -> iterator`` of this process's numpy slice of each global
-      batch, replacing the per-example grain pipeline for data that is already batched arrays (the
-      transformation's cached features: a fancy-index gather per step instead of one Python call per example).
-      It must be a pure function of the step, like the grain pipeline, so that resume stays exact.
+    arrays: optional pytree of numeric numpy arrays with a common number of rows (leading dimension), the same on
+      every process; replaces the per-example source and pipeline (``source`` only gives the epoch length). A batch is
+      the pytree of the rows ``indices`` picks. Held on the devices (rows sharded over ``data``) unless
+      ``train.arrays_on_device`` is false, then gathered on the hosts each step like a pipeline batch.
+    indices: with ``arrays``: ``indices(start_step, num_steps) -> int array [num_steps, global_batch]``, the rows
+      of each global batch of steps ``start_step .. start_step + num_steps - 1``. It must be a pure function of the
+      step, like the grain pipeline, so that resume stays exact.
   """
   name: str
   init: Callable
@@ -58,7 +75,12 @@ class Task:
   frozen: Any = None
   evaluate: Optional[Callable] = None
   keys: tuple = ("image", "label")
-  batches: Optional[Callable] = None
+  arrays: Any = None
+  indices: Optional[Callable] = None
+
+# ``train.steps_per_call`` when unset: optimizer steps per jitted call on the device-resident arrays path (calls still
+# end at every log/eval/checkpoint step); the example path always runs one step per call.
+DEFAULT_STEPS_PER_CALL = 100
 
 
 def steps_for(train_cfg, num_examples: int):
@@ -98,6 +120,72 @@ def _make_train_step(task: Task, tx, seed: int, impl: str):
     return new_state, metrics
 
   return train_step
+
+
+def _make_multi_step(train_step, gather):
+  """``multi_step(state, frozen, arrays, idx [S, B], n) -> (state, summed metrics)``: ``n ≤ S`` train steps in one
+  call (an on-device loop with a traced trip count: one compiled body whatever ``n``), step i on the batch
+  ``gather(arrays, idx[i])``; metrics are summed over the n steps (a NaN/Inf in any step stays in the sum)."""
+
+  def multi_step(state, frozen, arrays, idx, n):
+    def one(st, i):
+      return train_step(st, frozen, gather(arrays, idx[i]))
+
+    zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(one, state, 0)[1])
+
+    def body(i, carry):
+      st, acc = carry
+      st, metrics = one(st, i)
+      return st, jax.tree.map(jnp.add, acc, metrics)
+
+    return jax.lax.fori_loop(0, n, body, (state, zeros))
+
+  return multi_step
+
+
+def _sharded_rows(arrays, mesh):
+  """Places every array of ``arrays`` on ``mesh`` with its rows sharded over ``data`` (zero-padded to a multiple of
+  the device count; the padding is never indexed). Each process passes the whole arrays (the same everywhere)."""
+  n, sh = mesh.size, sharding.data_sharded(mesh)
+
+  def place(x):
+    x = np.asarray(x)
+    rows = -(-len(x) // n) * n
+    shape = (rows,) + x.shape[1:]
+
+    def shard(index):
+      a, b, _ = index[0].indices(rows)
+      out = np.zeros((b - a,) + x.shape[1:], x.dtype)
+      out[:max(0, min(b, len(x)) - a)] = x[a:min(b, len(x))]
+      return out
+
+    return jax.make_array_from_callback(shape, sh, shard)
+
+  return jax.tree.map(place, arrays)
+
+
+def _gather_rows(mesh):
+  """``gather(arrays, idx [B]) -> batch``: rows ``idx`` (global) of row-sharded ``arrays``, the batch sharded over
+  ``data`` like a pipeline batch. Each device picks the requested rows it holds (zeros elsewhere) and a
+  reduce-scatter over ``data`` adds the contributions and leaves each device its slice of the batch: exact (one
+  non-zero term per element) and independent of the device count."""
+  axis = sharding.DATA_AXIS
+
+  def local(arrays, idx):
+    def one(x):
+      rows = x.shape[0]
+      j = idx - jax.lax.axis_index(axis) * rows
+      mine = (j >= 0) & (j < rows)
+      picked = jnp.take(x, jnp.clip(j, 0, rows - 1), axis=0)
+      picked = jnp.where(mine.reshape((-1,) + (1,) * (x.ndim - 1)), picked, jnp.zeros((), x.dtype))
+      return jax.lax.psum_scatter(picked, axis, scatter_dimension=0, tiled=True)
+    return jax.tree.map(one, arrays)
+
+  def gather(arrays, idx):
+    specs = jax.tree.map(lambda _: P(axis), arrays)
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P()), out_specs=specs)(arrays, idx)
+
+  return gather
 
 
 def _global_norm(tree):
@@ -147,6 +235,16 @@ class PreemptionWatcher:
     return self.requested
 
 
+@contextlib.contextmanager
+def _finish_saves_on_error(mngr):
+  """A NaN/Inf stop (or any error) still lets an asynchronous save of an earlier, finite step complete."""
+  try:
+    yield
+  except Exception:
+    mngr.wait_until_finished()
+    raise
+
+
 def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Optional[int] = None):
   """Trains ``task`` on ``source`` with the stage config ``cfg``; checkpoints into ``workdir``.
 
@@ -154,10 +252,11 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
 
   Args:
     cfg: stage config; uses ``cfg.seed`` and ``cfg.train`` (batch_size, epochs|steps, optimizer,
-      log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, num_data_threads).
+      log_every_steps, eval_every_steps, checkpoint_every_steps, keep_checkpoints, num_data_threads; with
+      ``Task.arrays`` also steps_per_call and arrays_on_device).
     workdir: the stage's directory.
     task: the stage's :class:`Task`.
-    source: random-access training source.
+    source: random-access training source (with ``Task.arrays``: only its length, the examples per epoch).
     mesh: device mesh (default: all devices on a ``data`` axis).
     stop_at_step: stop (after checkpointing) once this step is reached, as if preempted; for tests and
       time-sliced jobs.
@@ -172,18 +271,32 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
   repl, data_sh = sharding.replicated(mesh), sharding.data_sharded(mesh)
   seed = int(cfg.seed)
   prefix = f"[{task.name}] "
+  use_arrays = task.arrays is not None
+  on_device = use_arrays and bool(tc.get("arrays_on_device", True))
+  per_call = int(tc.get("steps_per_call", 0) or 0)
+  if per_call > 1 and not on_device:
+    raise FCTError(f"stage {task.name!r}: train.steps_per_call={per_call} needs the device-resident arrays path "
+                   "(the transformation's cached features with train.arrays_on_device); set it to 1")
+  per_call = min(per_call or (DEFAULT_STEPS_PER_CALL if on_device else 1), total) if on_device else 1
+
+  def host_arrays_batches(start):
+    p, b = jax.process_index(), tc.batch_size // jax.process_count()
+    for step in range(start, total):
+      idx = np.asarray(task.indices(step, 1))[0, p * b:(p + 1) * b]
+      yield jax.tree.map(lambda x: x[idx], task.arrays)
 
   def batches(start):
-    if task.batches is not None:
-      return (pipeline.to_global(b, mesh) for b in task.batches(start, total))
-    it = pipeline.train_batches(source, global_batch_size=tc.batch_size, seed=seed, start_step=start,
-                                num_steps=total, transform=task.transform, keys=task.keys,
-                                num_threads=tc.get("num_data_threads", 2))
+    if use_arrays:
+      it = host_arrays_batches(start)
+    else:
+      it = pipeline.train_batches(source, global_batch_size=tc.batch_size, seed=seed, start_step=start,
+                                  num_steps=total, transform=task.transform, keys=task.keys,
+                                  num_threads=tc.get("num_data_threads", 2))
     return (pipeline.to_global(b, mesh) for b in it)
 
   # Initialise from the first batch's shapes (no data-dependent init).
-  if task.batches is not None:
-    first = next(iter(task.batches(0, 1)))
+  if use_arrays:
+    first = jax.tree.map(lambda x: x[:1], task.arrays)
   else:
     first = next(pipeline.train_batches(source, global_batch_size=tc.batch_size, seed=seed, start_step=0,
                                         num_steps=1, transform=task.transform, keys=task.keys, num_threads=1))
@@ -212,9 +325,28 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
     state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
   start = int(state["step"])
 
-  step_fn = jax.jit(_make_train_step(task, tx, seed, impl),
-                    in_shardings=(state_sh, repl if frozen is not None else None, data_sh),
-                    out_shardings=(state_sh, repl), donate_argnums=(0,))
+  train_step = _make_train_step(task, tx, seed, impl)
+  frozen_sh = repl if frozen is not None else None
+  if on_device:
+    arrays = _sharded_rows(task.arrays, mesh)
+    rows_sh = jax.tree.map(lambda _: data_sh, arrays)
+    multi_fn = jax.jit(_make_multi_step(train_step, _gather_rows(mesh)),
+                       in_shardings=(state_sh, frozen_sh, rows_sh, repl, repl),
+                       out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+    def run_steps(st, step, n):  # steps step+1 .. step+n; the index block keeps one shape [per_call, B]
+      host = np.zeros((per_call, tc.batch_size), np.int32)  # fresh: a CPU device array may alias it
+      host[:n] = np.asarray(task.indices(step, n))
+      idx = jax.make_array_from_callback(host.shape, repl, lambda i: host[i])
+      n_dev = jax.make_array_from_callback((), repl, lambda i: np.asarray(n, np.int32))
+      return multi_fn(st, frozen, arrays, idx, n_dev)
+  else:
+    step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, data_sh),
+                      out_shardings=(state_sh, repl), donate_argnums=(0,))
+
+    def run_steps(st, step, n):
+      del step, n  # always 1
+      return step_fn(st, frozen, next(data))
 
   writer = writers.create_writer(workdir, prefix=prefix, console=False)
   if start == 0:
@@ -252,17 +384,29 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
     shown = " ".join(f"{k}={v:.4g}" for k, v in m.items())
     print(f"{prefix}eval at step {step}: {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
+  def next_stop(step):
+    """The last step of the call starting after ``step``: at most ``per_call`` steps, ending at the next step
+    where the host logs, evaluates or checkpoints (so those land on the configured steps) or at the end."""
+    stop = min(step + per_call, end)
+    for every in (log_every, eval_every, ckpt_every):
+      if every:
+        stop = min(stop, (step // every + 1) * every)
+    return stop
+
   if start < end:
+    calls = f", up to {per_call} steps per call on device-resident data" if on_device else ""
     print(f"{prefix}training steps {start}..{total} ({steps_per_epoch} steps/epoch, batch {tc.batch_size}, "
-          f"{mesh.size} devices)", flush=True)
-  data = batches(start) if start < end else iter(())
+          f"{mesh.size} devices{calls})", flush=True)
+  data = batches(start) if start < end and not on_device else iter(())
   watcher = PreemptionWatcher()
-  with watcher.installed():
-    for step in range(start + 1, end + 1):
-      batch = next(data)
-      state, metrics = step_fn(state, frozen, batch)
+  with watcher.installed(), _finish_saves_on_error(mngr):
+    step = start
+    while step < end:
+      n = next_stop(step) - step
+      state, metrics = run_steps(state, step, n)
+      step += n
       acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-      acc_n += 1
+      acc_n += n
       preempted = watcher.should_stop(step, mngr) and step < end
       last = step == end or preempted
       if step % log_every == 0 or last:

@@ -1,5 +1,6 @@
-"""Transformation at full strength: the sequence plan (h, g), cached and online features, the BatchNorm switch,
-stored-feature width checks, and the BCT baseline's influence loss through the frozen old classifier."""
+"""Transformation at full strength: the sequence plan (h, g), cached and online features, the cached mode's
+device-resident multi-step training (steps per call, resume, devices), the BatchNorm switch, width checks, and the
+BCT baseline's influence loss through the frozen old classifier."""
 
 import json
 import os
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 
 from configs import demo, demo_sequence, imagenet_sequence
-from fct_jax import checkpoint, experiment
+from fct_jax import checkpoint, experiment, sharding, train_lib
 from fct_jax.data import sources
-from fct_jax.errors import FCTError
+from fct_jax.errors import FCTError, NonFiniteError
 from fct_jax.gallery import loader
 from fct_jax.stages import backbone, common, transformation
 
@@ -99,6 +100,137 @@ def test_bn_eval_switch_at_configured_step(seq_run):
   for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(stats):
     expect = 0.0 if "mean" in jax.tree_util.keystr(leaf_path) else 1.0
     np.testing.assert_array_equal(np.asarray(leaf), expect)
+
+
+def _cached_cfg(name, **changes):
+  """h2, cached, 6 steps logged once at the end (so a call may hold several steps), no periodic checkpoint;
+  BatchNorm switches to eval mode at step 3."""
+  base = {"name": name, "feature_mode": "cached", "train.steps": 6, "train.log_every_steps": 6,
+          "train.checkpoint_every_steps": 0, "bn_eval_after": 0.5}
+  return _stage_cfg("h2", **{**base, **changes})
+
+
+def _model(d):
+  return jax.tree.map(np.asarray, checkpoint.load_model(d))
+
+
+def test_cached_multi_step_calls_and_resume_are_bit_identical(seq_run):
+  wd, _ = seq_run
+  _, ref = _run_stage(_cached_cfg("h2_spc1", **{"train.steps_per_call": 1}), wd, "h2_spc1")  # 6 calls of 1 step
+  _, multi = _run_stage(_cached_cfg("h2_spc4", **{"train.steps_per_call": 4}), wd, "h2_spc4")  # calls of 4 + 2
+  # Stopped after 3 steps (one call of 3; checkpoint), resumed (one call of 3).
+  cfg = _cached_cfg("h2_resumed", **{"train.steps_per_call": 4})
+  resumed = os.path.join(wd, "h2_resumed")
+  shutil.rmtree(resumed, ignore_errors=True)
+  os.makedirs(resumed)
+  assert not transformation.run(cfg, resumed, common.Context(workdir=wd, stop_at_step=3))
+  assert transformation.run(cfg, resumed, common.Context(workdir=wd))
+  for other in (multi, resumed):
+    jax.tree.map(np.testing.assert_array_equal, _model(ref), _model(other))
+  # The logged loss is the mean over the same 6 steps however they were grouped into calls.
+  assert [r["step"] for r in _metrics(multi)] == [6]
+  np.testing.assert_allclose(_metrics(multi)[-1]["loss"], _metrics(ref)[-1]["loss"], rtol=1e-6)
+  assert _metrics(multi)[-1]["bn_train_mode"] == 0.5
+  # The cache held on the host (one call per step, host-side gather): the same batches through a separately
+  # compiled step, so equal up to float rounding.
+  _, host = _run_stage(_cached_cfg("h2_host", **{"train.arrays_on_device": False}), wd, "h2_host")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _model(ref), _model(host))
+
+
+def test_cached_one_and_eight_devices_agree(seq_run):
+  wd, _ = seq_run
+  out = {}
+  for n in (1, 8):
+    cfg = _cached_cfg(f"h2_d{n}", **{"train.steps_per_call": 4})
+    d = os.path.join(wd, cfg.name)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    assert transformation.run(cfg, d, common.Context(workdir=wd, mesh=sharding.make_mesh(jax.devices()[:n])))
+    out[n] = (_metrics(d)[-1]["loss"], _model(d))
+  np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[1][1], out[8][1])
+
+
+def test_bn_switch_inside_a_multi_step_call(seq_run):
+  wd, _ = seq_run
+  cfg = _stage_cfg("h3_none", **{"name": "h3_bn_call", "bn_eval_after": 0.25, "train.steps": 4,
+                                 "train.log_every_steps": 2, "train.checkpoint_every_steps": 0,
+                                 "train.steps_per_call": 2})
+  _, d = _run_stage(cfg, wd, "h3_bn_call")
+  # Switch at step 1: the first call (steps 0, 1) has one step in train mode, the second none.
+  assert [(r["step"], r["bn_train_mode"]) for r in _metrics(d)] == [(2, 0.5), (4, 0.0)]
+
+
+def test_steps_per_call_needs_device_arrays(seq_run):
+  wd, _ = seq_run
+  for changes in ({"feature_mode": "online"}, {"train.arrays_on_device": False}):
+    cfg = _cached_cfg("h2_spc_bad", **{"train.steps_per_call": 4, **changes})
+    with pytest.raises(FCTError, match="steps_per_call=4 needs the device-resident arrays path"):
+      _run_stage(cfg, wd, "h2_spc_bad")
+
+
+def test_load_h_reads_widths_from_configs_not_checkpoints(seq_run):
+  wd, _ = seq_run
+  src = os.path.join(wd, "seq_widths")
+  shutil.rmtree(src, ignore_errors=True)
+  for stage in ("v1", "v2", "side1", "h2"):
+    shutil.copytree(os.path.join(wd, stage), os.path.join(src, stage))
+  for stage in ("v1", "v2"):  # φ_old and φ_new checkpoints are not needed to use h
+    shutil.rmtree(os.path.join(src, stage, "model"))
+  h, _, side = transformation.load_h(common.Context(workdir=src), "h2", "test")
+  assert side.stage == "side1" and h(np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32)).shape == (3, 8)
+  # An upstream stage whose recorded width no longer fits the trained h: a one-line error.
+  cfg_path = os.path.join(src, "v2", "config.json")
+  c = json.load(open(cfg_path))
+  c["model"]["embedding_dim"] = 12
+  json.dump(c, open(cfg_path, "w"))
+  with pytest.raises(FCTError, match=r"transformation 'h2' does not fit the widths .* d_new=12") as e:
+    transformation.load_h(common.Context(workdir=src), "h2", "test")
+  assert "\n" not in str(e.value)
+
+
+def _vector_task(rows, *, nan_from=None):
+  """A linear model on device-held rows; its metrics show which rows each step saw."""
+  x = np.random.default_rng(0).normal(size=(rows, 3)).astype(np.float32)
+
+  def loss(params, model_state, frozen, batch, rng, step):
+    del frozen, rng
+    l = jnp.mean((batch["x"] @ params["w"] - 1.0) ** 2)
+    if nan_from is not None:
+      l = l + jnp.where(step >= nan_from, jnp.nan, 0.0)  # the loss only (a NaN branch of where poisons grads)
+    checksum = jnp.sum(batch["x"] * jnp.arange(1, batch["x"].shape[0] + 1)[:, None])
+    return l, ({"checksum": checksum}, model_state)
+
+  return train_lib.Task(name="vec", init=lambda rng, batch: {"params": {"w": jnp.zeros((3,))}}, loss=loss,
+                        transform=lambda ex, rng: ex, arrays={"x": x},
+                        indices=transformation.cached_indices(rows, batch_size=8, seed=0))
+
+
+def _vector_cfg(**train):
+  t = {"batch_size": 8, "epochs": 1, "steps": 10, "optimizer": {"name": "sgd", "lr": 0.1},
+       "log_every_steps": 1, "checkpoint_every_steps": 0, **train}
+  return ml_collections.ConfigDict({"seed": 0, "train": t})
+
+
+def test_device_rows_padded_gather_matches_host(tmp_path):
+  # 37 rows: not a multiple of 8 devices (padded shards); 10 steps of 8 cross two epochs.
+  runs = {}
+  for name, mesh, train in (("d8", None, {"steps_per_call": 3}), ("d1", jax.devices()[:1], {"steps_per_call": 3}),
+                            ("host", None, {"arrays_on_device": False})):
+    mesh = sharding.make_mesh(mesh) if mesh else None
+    _, hist = train_lib.train(cfg=_vector_cfg(**train), workdir=str(tmp_path / name), task=_vector_task(37),
+                              source=np.arange(37), mesh=mesh)
+    runs[name] = [(r["step"], r["checksum"], r["loss"]) for r in hist]
+  assert [r[0] for r in runs["d8"]] == list(range(1, 11))  # log_every 1: one step per call
+  np.testing.assert_allclose(np.asarray(runs["d8"]), np.asarray(runs["host"]), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(runs["d8"]), np.asarray(runs["d1"]), rtol=1e-6)
+
+
+def test_nan_inside_a_multi_step_call_stops_before_checkpoint(tmp_path):
+  cfg = _vector_cfg(steps=6, log_every_steps=6, checkpoint_every_steps=3, steps_per_call=4)
+  with pytest.raises(NonFiniteError, match="loss is nan at step 6"):  # steps 5, 6 (1-based) are NaN
+    train_lib.train(cfg=cfg, workdir=str(tmp_path), task=_vector_task(37, nan_from=4), source=np.arange(37))
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [3]
 
 
 def test_stored_feature_width_mismatch_is_one_line(seq_run):

@@ -12,7 +12,9 @@ Feature modes (``cfg.feature_mode``; the log and the evaluation results say whic
 * ``cached`` (ours): the frozen models' features of ``cfg.cache_views`` augmented views of every training image
   are computed once (batches sharded over the devices), stored in ``stage_dir/features`` (a resumed stage reuses
   them), and h trains on those vectors: an epoch then costs an MLP step per batch instead of three image models.
-  With ``augment="none"`` one view gives exactly the online mode's features.
+  With ``augment="none"`` one view gives exactly the online mode's features. The cache is held on the devices
+  (rows sharded over the mesh's ``data`` axis; ``train.arrays_on_device=False`` keeps it on the hosts) and
+  ``train.steps_per_call`` optimizer steps run per jitted call (:mod:`fct_jax.train_lib`, the arrays path).
 
 BatchNorm of h is switched to eval mode after ``bn_eval_after`` × the total steps (ml-fct: the second half).
 
@@ -135,7 +137,7 @@ def bn_eval_step(cfg, total_steps: int) -> int:
 def check_feature_dims(cfg, feats: Dict[str, np.ndarray], dims: Dict[str, int], where: str):
   """One-line error when stored features do not fit h (widths d_old, d_side, d_new)."""
   want = {"old": (dims["old"], f"φ_old of stage {cfg.old!r}"),
-          "psi": (int(cfg.side_info.dim), f"ψ side_info.dim"),
+          "psi": (int(cfg.side_info.dim), "ψ side_info.dim"),
           "new": (dims["new"], f"target of stage {cfg.new!r}")}
   for k, (d, what) in want.items():
     got = feats[k].shape[-1] if np.ndim(feats[k]) == 2 else None
@@ -197,13 +199,14 @@ def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[st
   feats = train_lib.predict(lambda v, b: dict(zip(FEATURE_KEYS, frozen.apply(v, b["image"]))), frozen.variables,
                             views_source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
                             transform=lambda ex: ex, mesh=ctx.mesh)
+  feats = {k: np.asarray(feats[k], np.float32) for k in FEATURE_KEYS}  # as stored: a reuse trains on the same
   for k in FEATURE_KEYS:
     common.check_finite_embeddings(feats[k], f"cached {k} features of stage {cfg.name!r}")
   seconds = time.perf_counter() - t0
   if jax.process_index() == 0:
     epath.Path(fdir).mkdir(parents=True, exist_ok=True)
     for k in FEATURE_KEYS:
-      _save_npy(checkpoint.join(fdir, f"{k}.npy"), feats[k].astype(np.float32))
+      _save_npy(checkpoint.join(fdir, f"{k}.npy"), feats[k])
   checkpoint.write_json(meta_path, {**meta, "seconds": seconds})  # written last: marks the cache complete
   sharding.barrier(f"fct_{cfg.name}_features")
   print(f"[{cfg.name}] cached features of {views} view(s) × {len(source)} images in {seconds:.1f}s "
@@ -218,30 +221,29 @@ def _cached_meta_matches(meta_path: str, meta: dict) -> bool:
   return {k: held.get(k) for k in meta} == meta
 
 
-def cached_batches(feats: Dict[str, np.ndarray], *, batch_size: int, seed: int):
-  """``batches(start_step, num_steps)`` for :class:`train_lib.Task`: global step s takes positions
-  ``[s·B, (s+1)·B)`` of a stream of per-epoch permutations of the feature rows (like the grain pipeline), this
-  process its contiguous slice. A pure function of the step, so resume is exact."""
-  m = len(feats["old"])
-  p, n_proc = jax.process_index(), jax.process_count()
-  b = batch_size // n_proc
+def cached_indices(num_rows: int, *, batch_size: int, seed: int):
+  """``indices(start_step, num_steps) -> [num_steps, batch_size]`` for :class:`train_lib.Task`: global step s takes
+  positions ``[s·B, (s+1)·B)`` of a stream of per-epoch permutations of the ``num_rows`` feature rows (like the
+  grain pipeline). A pure function of the step, so resume is exact."""
   perms = {}
 
   def perm(epoch):
     if epoch not in perms:
       if len(perms) > 2:
         perms.clear()
-      perms[epoch] = np.random.default_rng([seed, epoch]).permutation(m)
+      perms[epoch] = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
     return perms[epoch]
 
-  def batches(start_step, num_steps):
-    for step in range(start_step, num_steps):
-      pos = step * batch_size + p * b + np.arange(b)
-      epoch, within = pos // m, pos % m
-      idx = np.concatenate([perm(e)[within[epoch == e]] for e in np.unique(epoch)])
-      yield {k: feats[k][idx] for k in FEATURE_KEYS}
+  def indices(start_step, num_steps):
+    pos = start_step * batch_size + np.arange(num_steps * batch_size, dtype=np.int64)
+    epoch, within = pos // num_rows, pos % num_rows
+    idx = np.empty(len(pos), np.int64)
+    for e in np.unique(epoch):
+      sel = epoch == e
+      idx[sel] = perm(e)[within[sel]]
+    return idx.reshape(num_steps, batch_size)
 
-  return batches
+  return indices
 
 
 # ------------------------------------------------------------------------------------------------- the stage
@@ -285,8 +287,8 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     # a schedule in epochs means the same number of steps in both modes.
     train_source = sources.ArraySource({"index": np.arange(len(source))})
     batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
-    task_kw = dict(frozen=None, keys=FEATURE_KEYS, transform=lambda ex, rng: ex,
-                   batches=cached_batches(feats, batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
+    task_kw = dict(frozen=None, keys=FEATURE_KEYS, transform=lambda ex, rng: ex, arrays=feats,
+                   indices=cached_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
   else:
     train_source = source
     batch_features = lambda frz, batch: frozen.apply(frz, batch["image"])
@@ -304,23 +306,37 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   return common.train_and_save(cfg, stage_dir, ctx, task, train_source)
 
 
+def upstream_width(ctx, stage: str, needed_by: str) -> int:
+  """The embedding width of a finished backbone or side_info stage, read from its saved ``config.json`` (no
+  checkpoint is loaded): ``model.embedding_dim``, the width of φ and of ψ."""
+  d = common.upstream_dir(ctx, stage, needed_by)
+  model = checkpoint.read_json(os.path.join(d, "config.json")).get("model", {})
+  if "embedding_dim" not in model:
+    raise FCTError(f"stage {needed_by!r}: the config of stage {stage!r} has no model.embedding_dim (its width)")
+  return int(model["embedding_dim"])
+
+
 def load_h(ctx, stage: str, needed_by: str):
   """A finished transformation stage (h or g): ``(transform, cfg, side_info)``.
 
   ``transform(old [N, d_old], psi [N, d_side]) -> [N, d_new]`` numpy (eval mode, in batches; a one-line
   :class:`FCTError` when the stored vectors' widths do not fit); ``side_info`` is its frozen input
-  :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images).
+  :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images). h is rebuilt with the widths in the
+  upstream stages' saved configs (φ_old and the target are not loaded), checked against its saved variables.
   """
   cfg, variables = common.load_stage(ctx, stage, needed_by)
   if cfg.kind != "transformation":
     raise FCTError(f"stage {needed_by!r} expects {stage!r} to be a transformation stage, not {cfg.kind!r}")
-  frozen = load_frozen(cfg, ctx)
-  h = build_h(cfg, frozen.dims["old"], frozen.dims["new"])
-  apply = jax.jit(lambda v, old, psi: h.apply(v, old, psi, train=False)["embedding"])
+  side = load_side_info(cfg, ctx)
+  target_kind(cfg, ctx)  # a backbone or side_info target, else a one-line error
+  dims = {"old": upstream_width(ctx, cfg.old, stage), "new": upstream_width(ctx, cfg.new, stage)}
   side_dim = int(cfg.side_info.dim)
+  h = build_h(cfg, dims["old"], dims["new"])
+  _check_h_variables(h, variables, dims, side_dim, stage, needed_by)
+  apply = jax.jit(lambda v, old, psi: h.apply(v, old, psi, train=False)["embedding"])
 
   def transform(old: np.ndarray, psi: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    for name, x, d in (("φ_old", old, frozen.dims["old"]), ("ψ", psi, side_dim)):
+    for name, x, d in (("φ_old", old, dims["old"]), ("ψ", psi, side_dim)):
       if np.ndim(x) != 2 or x.shape[1] != d:
         raise FCTError(f"{needed_by}: transformation {stage!r} takes {d}-d {name} but got an array of shape "
                        f"{tuple(np.shape(x))}")
@@ -328,4 +344,18 @@ def load_h(ctx, stage: str, needed_by: str):
             for i in range(0, len(old), batch_size)]
     return np.concatenate(outs)
 
-  return transform, cfg, frozen.side
+  return transform, cfg, side
+
+
+def _check_h_variables(h, variables, dims, side_dim, stage, needed_by):
+  """One-line error when the saved h does not have the shapes the upstream widths give (an upstream stage was
+  retrained with another width after h was trained)."""
+  want = jax.eval_shape(lambda: h.init({"params": jax.random.key(0)}, jnp.zeros((1, dims["old"])),
+                                       jnp.zeros((1, side_dim)), train=False))
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(want)}
+  got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise FCTError(f"stage {needed_by!r}: transformation {stage!r} does not fit the widths of its upstream stages "
+                   f"(d_old={dims['old']}, d_side={side_dim}, d_new={dims['new']}): {diff[0]} is "
+                   f"{got.get(diff[0])}, expected {want.get(diff[0])}; retrain {stage!r}")
