@@ -38,11 +38,20 @@ def optimizer(name: str, lr: float, *, weight_decay: float = 0.0, warmup_epochs:
 
 
 def train(*, batch_size: int, epochs: float, optimizer_cfg, steps: int = 0, log_every_steps: int = 50,
-          eval_every_steps: int = 0, checkpoint_every_steps: int = 500) -> ml_collections.ConfigDict:
+          eval_every_steps: int = 0, checkpoint_every_steps: int = 500, steps_per_call: int = 0,
+          arrays_on_device: bool = True) -> ml_collections.ConfigDict:
+  """The ``train`` block of a stage.
+
+  ``steps_per_call`` and ``arrays_on_device`` apply only to data already held as arrays (the transformation's
+  cached features, ``train_lib.Task.arrays``): optimizer steps per jitted call (0: ``train_lib``'s default) and
+  whether the arrays live on the devices (False: on the hosts, one step per call, for caches larger than device
+  memory). Neither changes the result, so a run may be resumed with other values.
+  """
   return ml_collections.ConfigDict({
       "batch_size": batch_size, "epochs": float(epochs), "steps": steps, "optimizer": optimizer_cfg,
       "log_every_steps": log_every_steps, "eval_every_steps": eval_every_steps,
-      "checkpoint_every_steps": checkpoint_every_steps, "keep_checkpoints": 2, "num_data_threads": 2})
+      "checkpoint_every_steps": checkpoint_every_steps, "keep_checkpoints": 2, "num_data_threads": 2,
+      "steps_per_call": steps_per_call, "arrays_on_device": arrays_on_device})
 
 
 LOSS_KINDS = ("softmax", "arcface")

@@ -27,7 +27,8 @@ from fct_jax.stages.common import Context
 
 # Fields that do not change what a stage computes; they may differ between a run and its resume.
 BOOKKEEPING = ("train.log_every_steps", "train.checkpoint_every_steps", "train.eval_every_steps",
-               "train.keep_checkpoints", "train.num_data_threads", "eval_batch_size")
+               "train.keep_checkpoints", "train.num_data_threads", "train.steps_per_call", "train.arrays_on_device",
+               "eval_batch_size")
 
 
 def _flatten(d, prefix=""):
