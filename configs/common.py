@@ -106,8 +106,9 @@ def side_info_stage(name: str, *, method: str = "simclr", data, split: str, mode
   ``method``: simclr | autoencoder | alt_old | alt_old_mixup (see ``fct_jax/stages/side_info.py``). The width of
   ψ is ``model.embedding_dim``. ``simclr`` uses the ``simclr`` block (projection head, temperature, two-view
   augmentation ``views``: keyword arguments of ``augment.simclr_view``); the others use ``augment`` (a train
-  transform), ``loss.label_smoothing`` and ``mixup.alpha``; ``alt_old`` also ``loss.kind`` (``loss_kind``,
-  ``arcface_scale``, ``arcface_margin`` as in :func:`backbone_stage`: an ArcFace alternate old model).
+  transform), ``loss.label_smoothing`` and ``mixup.alpha``; ``alt_old`` and ``alt_old_mixup`` also ``loss.kind``
+  (``loss_kind``, ``arcface_scale``, ``arcface_margin`` as in :func:`backbone_stage`: an ArcFace alternate old
+  model).
   """
   v = {"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5, "jitter_prob": 0.8,
        "grayscale_prob": 0.2, "blur_prob": 0.0}

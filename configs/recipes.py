@@ -135,14 +135,12 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
     ae_model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": int(side_model.embedding_dim)})
     if a.runlocal:
       ae_model.settings = ((1, 8, 1, 2),)
-    # The mixup model trains with soft cross-entropy on its logits (stages/side_info.py: mixup_task has no
-    # ArcFace loss), so under loss_kind="arcface" it keeps a linear head and the softmax loss.
+    # The alternate old models (with and without mixup) use the old model's loss; the autoencoder has none.
     softmax = dict(cls, loss_kind="softmax")
-    mix_model = common.with_head(old_model, "linear")
     for method, short, m, opt, aug, loss_kw in (
         ("autoencoder", "ae", ae_model, transformation_adam, train_augment, softmax),
         ("alt_old", "alt", old_model, backbone_sgd, train_augment, cls),
-        ("alt_old_mixup", "altmix", mix_model, backbone_sgd, train_augment, softmax)):
+        ("alt_old_mixup", "altmix", old_model, backbone_sgd, train_augment, cls)):
       stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
                                            train_cfg=train(opt(), backbone_epochs), seed=5, augment=aug,
                                            eval_batch_size=eval_batch_size, **loss_kw))

@@ -27,8 +27,8 @@ side-information is the *alternate old model*: ``side_info`` is another run of t
 ArcFace, the old training set) with another seed, and ``transformation`` uses it (``side_info.kind=alt_old``). BCT's
 influence loss goes through the old model's ArcFace head with its ArcFace loss (see ``fct_jax/stages/backbone.py``).
 The paper's appendix hyper-parameters for this experiment are not in our copy of the paper; the ImageNet recipe
-(SGD lr 1.024 at batch 1024, cosine, 100 epochs) is used otherwise. ``:ablation`` adds Table 6's kinds; its mixup
-model keeps a linear head and softmax (the mixup side-information task has no ArcFace loss).
+(SGD lr 1.024 at batch 1024, cosine, 100 epochs) is used otherwise. ``:ablation`` adds Table 6's kinds; the alternate
+old models (with and without mixup) train with ArcFace like the old model.
 
 Expected (paper, Table 3; CMC top-1 — top-5 %, mAP@1.0 %):
   old/old 84.0 — 93.5, 44.6    new/old 0.2 — 1.0, 0.2    new/new 96.6 — 98.4, 77.8

@@ -65,14 +65,11 @@ def check_head_matches_loss(cfg):
 
 def check_stage_loss(cfg):
   """Pre-flight check of any stage config (``experiment.run`` / ``dry_run``, before any stage runs): the stages
-  that train a classifier — backbones and ``alt_old`` side-information — have matching head and loss;
-  ``alt_old_mixup`` (soft cross-entropy on its logits, no ArcFace loss) refuses an ArcFace head."""
+  that train a classifier — backbones and the ``alt_old`` / ``alt_old_mixup`` side-information — have matching
+  head and loss."""
   kind, method = cfg.get("kind"), cfg.get("method")
-  if kind == "backbone" or (kind == "side_info" and method == "alt_old"):
+  if kind == "backbone" or (kind == "side_info" and method in ("alt_old", "alt_old_mixup")):
     check_head_matches_loss(cfg)
-  elif kind == "side_info" and method == "alt_old_mixup" and cfg.get("model", {}).get("head") == "arcface":
-    raise FCTError(f"stage {cfg.name!r}: the alt_old_mixup side-information trains with soft cross-entropy and has "
-                   "no ArcFace loss; set model.head='linear'")
 
 
 def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, mesh=None,

@@ -164,7 +164,12 @@ def autoencoder_task(cfg, model, evaluate=None) -> train_lib.Task:
 
 
 def mixup_task(cfg, model, num_classes: int, evaluate=None) -> train_lib.Task:
-  """Alternate old model with mixup on the images only; targets stay the original one-hot labels (paper §5.1)."""
+  """Alternate old model with mixup on the images only; targets stay the original one-hot labels (paper §5.1).
+
+  With ``loss.kind="arcface"`` (an ArcFace head) the mixed images are trained with the ArcFace loss on their
+  original labels, like the old model they stand in for."""
+  backbone.check_head_matches_loss(cfg)
+  spec = backbone.loss_spec(cfg)
   transform = _train_transform(cfg)
   alpha = float(cfg.mixup.alpha)
   ls = float(cfg.loss.get("label_smoothing", 0.0))
@@ -180,8 +185,12 @@ def mixup_task(cfg, model, num_classes: int, evaluate=None) -> train_lib.Task:
       targets = targets * (1.0 - ls) + ls / num_classes
     out, updates = model.apply({"params": params, **model_state}, images, train=True, mutable=["batch_stats"])
     acc = jnp.mean(jnp.argmax(out["logits"], -1) == batch["label"])
-    return losses.soft_cross_entropy(logits=out["logits"], targets=targets), ({"train_accuracy": acc},
-                                                                              dict(updates))
+    if spec["kind"] == "arcface":
+      l = losses.arcface_loss(cosine=out["logits"], labels=batch["label"], scale=spec["scale"],
+                              margin=spec["margin"], label_smoothing=ls)
+    else:
+      l = losses.soft_cross_entropy(logits=out["logits"], targets=targets)
+    return l, ({"train_accuracy": acc}, dict(updates))
 
   return train_lib.Task(name=cfg.name, init=init, loss=loss, transform=transform, evaluate=evaluate)
 
