@@ -7,10 +7,26 @@ a SimCLR model trained on the old training images without labels (it learns what
 included); two transformations are trained, without (``transformation_none``) and with ψ (``transformation``), and
 the table reports both as ``new/h[none]`` and ``new/h[simclr]`` (``new/h`` and ``h/h`` are with ψ).
 
-Whole plan (old → side_info → new → transformation_none → transformation → eval), about 4 minutes on a 2-core
-CPU:
+Whole plan (old → side_info → new → bct_new → transformation_none → transformation → eval), 5 min 8 s on a shared
+2-core CPU (about 3 of them the 18 SimCLR epochs):
 
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
+
+Result (deterministic): top-1 % old/old 55.4, new/old 12.0, new/new 92.0, bct-new/old 34.4, new/h[none] 68.8,
+new/h[simclr] 87.5, h/h 84.0. ψ knows the shapes φ_old threw away: shape 1-NN 80.3 % for ψ vs 55.4 % for φ_old,
+linear probe 64.3 vs 51.3 (chance 20 %), CKA(φ_old, ψ) 0.22.
+
+How ψ got there (issue #5; ψ's shape 1-NN / linear probe %, φ_old 55.4 / 51.3). The former recipe (6 epochs, no
+input standardisation, no gamma) gave 52.0 / 53.1 (45.2 / 50.6 with another seed): linear fits on the background
+level, the shape/background contrast and the colour explain 40 %, 46 % and 28 % of its features' variance, the
+shape 9 % — cues SimCLR's affine brightness/contrast jitter leaves intact and a fresh CNN starts out encoding.
+No single change among (6 epochs) temperature 0.1 or 0.5, lr 0.3, no rotation, crops (0.8, 1), gamma 2 or 3 ±
+inversion; (12 epochs) AdamW, batch 64 or 256, wider CNN, crops (0.08 | 0.2, 1), blur, added noise, gamma without
+standardisation, 128-d ψ (57.0 / 62.8), stem stride 1 (60.3 / 58.1, twice the time) reached +10 on 1-NN; the
+former recipe itself gave 55.9 / 56.5 at 12 epochs and 62.3 / 56.7 at 24. ψ standardising each image itself
+(``input_norm="image"``, 12 epochs): 62.1 / 58.1; plus a per-channel gamma in [1/2, 2] on the views: 75.0 / 60.2
+(71.0 / 61.6 other seed); then 18 epochs: 80.3 / 64.3 (80.4 / 68.3 other seed; 24 epochs: 81.0 / 69.3), with
+background 10 %, contrast 23 %, colour 22 % and shape 31 % of ψ's variance.
 
 The side-information ablation of the paper's Table 6 (adds autoencoder, alternate-old and alternate-old + mixup
 side-information, each with its own h; rows ``new/h[<kind>]``):
@@ -23,7 +39,8 @@ One stage, with an override:
 
 Tiny form for tests (seconds): ``--config=configs/demo.py:runlocal``.
 Expected (full demo): new/new top-1 far above old/old; new/old near chance (5% for 20 classes); new/h[simclr]
-clearly above new/h[none]; the eval log also prints CKA(φ_old, ψ) and 1-NN shape accuracy of ψ vs φ_old.
+clearly above new/h[none]; the eval log also prints CKA(φ_old, ψ) and the 1-NN / linear-probe shape accuracy of ψ
+vs φ_old (ψ far above).
 """
 
 import ml_collections
@@ -42,7 +59,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 16})
     tr = lambda opt: common.train(batch_size=16, epochs=1, steps=2, optimizer_cfg=opt, log_every_steps=1,
                                   checkpoint_every_steps=1)
-    bb_epochs = h_epochs = side_epochs = None
+    bb_epochs = h_epochs = side_epochs = ablation_side_epochs = None
     eval_bs = 16
     h_augment, h_views = "pad_crop_flip", 2
   else:
@@ -55,7 +72,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     side_kw = dict(projection_hidden_dim=128, projection_dim=64)
     h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 256})
     tr = None
-    bb_epochs, h_epochs, side_epochs = 8, 8, 6
+    # SimCLR gets 18 epochs (6 were too few for shape to emerge; issue #5); the ablation's other kinds of ψ keep
+    # their 6.
+    bb_epochs, h_epochs, side_epochs, ablation_side_epochs = 8, 8, 18, 6
     eval_bs = 500
     h_augment, h_views = "pad_crop_flip", 4
 
@@ -67,24 +86,30 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   sgd = lambda: common.optimizer("momentum", 0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=1)
   adam = lambda: common.optimizer("adam", 1e-3, weight_decay=3.0517578125e-5, warmup_epochs=1)
-  # SimCLR's own optimiser is LARS; for this tiny CNN and a 6-epoch schedule plain momentum SGD learned faster
+  # SimCLR's own optimiser is LARS; for this tiny CNN and a short schedule plain momentum SGD learned faster
   # (LARS's trust ratio caps each step at ~lr·0.001 of a layer's norm, too slow for a few hundred steps).
   simclr_opt = lambda: common.optimizer("momentum", 0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=1)
   # SimCLR views for the demo's shapes: crops large enough to keep the shape in view, any hue (hue alone would
   # tell images apart and suppress the harder shape feature) and any rotation (a nuisance here), so that the
-  # contrastive task is solved by shape — what φ_old threw away.
-  demo_views = {"crop_scale": (0.5, 1.0), "jitter_strength": 1.0, "max_hue": 0.5, "rotation": 180.0}
+  # contrastive task is solved by shape — what φ_old threw away. Two more shortcuts had to go (issue #5; numbers in
+  # the module docstring): the background level and the shape/background contrast survive SimCLR's affine
+  # brightness/contrast jitter. ψ standardises each image itself (``input_norm="image"`` below: exact invariance to
+  # global a·x + b), and a per-channel gamma in [1/2, 2] changes the foreground/background intensity ratio.
+  demo_views = {"crop_scale": (0.5, 1.0), "jitter_strength": 1.0, "max_hue": 0.5, "rotation": 180.0,
+                "gamma": 2.0}
   # Cached feature mode (our addition; see fct_jax/stages/transformation.py): K augmented views per image embedded
   # once, then h trains on vectors. README: epoch cost and compatibility against the online mode.
   h_kw = dict(data=data, split="new_train", model=h_model, feature_mode="cached", augment=h_augment,
               cache_views=h_views, eval_batch_size=eval_bs)
+  side_info_cfg = common.side_info_stage("side_info", method="simclr", data=data, split="old_train",
+                                         model=side_model, train_cfg=train(simclr_opt(), side_epochs), seed=4,
+                                         temperature=0.2, views=demo_views, eval_batch_size=eval_bs, **side_kw)
+  side_info_cfg.input_norm = "image"  # see fct_jax/stages/side_info.py
   stages = [
       common.backbone_stage("old", data=data, split="old_train", model=model, train_cfg=train(sgd(), bb_epochs),
                             seed=1, eval_batch_size=eval_bs),
       # Side-information is trained at old time, on the old training images, without their labels.
-      common.side_info_stage("side_info", method="simclr", data=data, split="old_train", model=side_model,
-                             train_cfg=train(simclr_opt(), side_epochs), seed=4, temperature=0.2,
-                             views=demo_views, eval_batch_size=eval_bs, **side_kw),
+      side_info_cfg,
       common.backbone_stage("new", data=data, split="new_train", model=model, train_cfg=train(sgd(), bb_epochs),
                             seed=2, eval_batch_size=eval_bs),
       # The BCT baseline: the new model's recipe + the influence loss through old's frozen, extended classifier.
@@ -105,8 +130,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     for method, short, m, opt in (("autoencoder", "ae", ae_model, adam), ("alt_old", "alt", side_model, sgd),
                                   ("alt_old_mixup", "altmix", side_model, sgd)):
       stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
-                                           train_cfg=train(opt(), side_epochs), seed=5, augment="pad_crop_flip",
-                                           eval_batch_size=eval_bs))
+                                           train_cfg=train(opt(), ablation_side_epochs), seed=5,
+                                           augment="pad_crop_flip", eval_batch_size=eval_bs))
       stages.append(common.transformation_stage(f"transformation_{short}", train_cfg=train(adam(), h_epochs),
                                                 seed=3, side_info_kind=method,
                                                 side_info_dim=side_model.embedding_dim,

@@ -54,6 +54,21 @@ def test_crop_resize_and_rotation_geometry():
     assert 0 <= top and top + h <= 16 and 0 <= left and left + w <= 12 and h * w >= 0.25 * 16 * 12
 
 
+def test_gamma_view_is_a_per_channel_power():
+  """``gamma``: each channel raised to its own power in [1/gamma, gamma]; gamma=1 leaves the view unchanged."""
+  ex = _example()
+  plain = dict(crop_scale=(1.0, 1.0), flip=False, jitter_strength=0.0, grayscale_prob=0.0)
+  np.testing.assert_array_equal(augment.simclr_view(ex["image"], np.random.default_rng(0), **plain),
+                                augment.simclr_view(ex["image"], np.random.default_rng(0), gamma=1.0, **plain))
+  x = ex["image"].astype(np.float32) / 255.0
+  for seed in range(5):
+    y = augment.simclr_view(ex["image"], np.random.default_rng(seed), gamma=2.0, **plain) * augment.STD + augment.MEAN
+    for c in range(3):
+      inside = (x[..., c] > 0.05) & (x[..., c] < 0.95)
+      g = np.log(np.maximum(y[..., c][inside], 1e-6)) / np.log(x[..., c][inside])
+      assert 0.5 - 1e-3 <= g.min() and g.max() <= 2.0 + 1e-3 and np.ptp(g) < 1e-2  # one exponent per channel
+
+
 # ----------------------------------------------------------------------------------------- NT-Xent
 
 
@@ -182,6 +197,26 @@ def test_width_and_kind_mismatch_stop_with_one_line_errors(upstream):
       experiment.run(cfg_common.experiment("demo", [cfg]), upstream)
     assert "\n" not in str(e.value)
     assert not checkpoint.is_done(os.path.join(upstream, cfg.name))
+
+
+def test_input_norm_makes_psi_invariant_to_affine_intensity(upstream):
+  """``input_norm="image"``: ψ standardises each image inside the model, so the loaded ψ ignores a x + b."""
+  cfg = _side_cfg("simclr", "si_norm")
+  cfg.input_norm = "image"
+  experiment.run(cfg_common.experiment("demo", [cfg]), upstream)
+  psi = side_info.load(side_info.common.Context(workdir=upstream), "si_norm", "test")
+  x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+  a = np.asarray(psi.apply(psi.variables, x))
+  b = np.asarray(psi.apply(psi.variables, 2.5 * x + 0.7))
+  assert np.ptp(a) > 0
+  np.testing.assert_allclose(a, b, rtol=3e-3, atol=1e-4)  # up to eps in the std
+  cfg.input_norm = "none"  # without it the same network is not invariant
+  plain = side_info.encoder_module(cfg)
+  v = plain.init(jax.random.key(0), x)
+  assert not np.allclose(plain.apply(v, x)["embedding"], plain.apply(v, 2.5 * x + 0.7)["embedding"], atol=1e-3)
+  cfg.input_norm = "channel"
+  with pytest.raises(FCTError, match="unknown input_norm 'channel'"):
+    side_info.build_model(cfg)
 
 
 def test_unknown_method():

@@ -162,7 +162,7 @@ def gaussian_blur(img: np.ndarray, sigma: float, *, kernel_size: int) -> np.ndar
 def simclr_view(image: np.ndarray, rng: np.random.Generator, *, out_size: int = 0, crop_scale=(0.08, 1.0),
                 flip: bool = True, jitter_strength: float = 0.5, jitter_prob: float = 0.8,
                 grayscale_prob: float = 0.2, blur_prob: float = 0.0, rotation: float = 0.0,
-                max_hue: float = -1.0) -> np.ndarray:
+                max_hue: float = -1.0, gamma: float = 1.0) -> np.ndarray:
   """One SimCLR view of a uint8 image [H, W, 3] → normalised float32 [S, S, 3] (S = out_size or H).
 
   SimCLR (Chen et al. 2020, appendix A): random resized crop, horizontal flip, colour jitter with strength s
@@ -170,7 +170,10 @@ def simclr_view(image: np.ndarray, rng: np.random.Generator, *, out_size: int = 
   0.2, and Gaussian blur (σ ∈ [0.1, 2.0], kernel 10% of the side) for ImageNet-size images. Their CIFAR recipe
   uses s = 0.5 and no blur, our default. ``rotation`` > 0 (not in SimCLR's default set) also rotates the crop by
   U(−rotation, rotation) degrees, for data whose orientation is a nuisance (the demo's shapes). ``max_hue`` ≥ 0
-  replaces the hue range 0.2·s (in turns; 0.5 = any hue), for data where hue alone identifies images.
+  replaces the hue range 0.2·s (in turns; 0.5 = any hue), for data where hue alone identifies images. ``gamma``
+  > 1 (ours, not SimCLR's) raises each channel to a power log-uniform in [1/gamma, gamma] after the jitter: a
+  non-linear tone change that alters intensity ratios (e.g. of a foreground to its background), which the affine
+  brightness/contrast jitter leaves as an instance cue.
   """
   h, w = image.shape[:2]
   out = out_size or h
@@ -188,6 +191,9 @@ def simclr_view(image: np.ndarray, rng: np.random.Generator, *, out_size: int = 
     img = color_jitter(img, rng, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=hue)
   if rng.random() < grayscale_prob:
     img = np.repeat((img @ _LUMA)[..., None], 3, axis=-1)
+  if gamma != 1.0:
+    g = np.exp(rng.uniform(-np.log(gamma), np.log(gamma), 3)).astype(np.float32)
+    img = np.power(np.maximum(img, 0.0), g)
   if blur_prob and rng.random() < blur_prob:
     img = gaussian_blur(img, rng.uniform(0.1, 2.0), kernel_size=max(3, (out // 10) | 1))
   return ((img - MEAN) / STD).astype(np.float32)

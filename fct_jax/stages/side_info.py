@@ -13,6 +13,13 @@ The paper's side-information kinds (§5.1, Table 6), selected by ``cfg.method``:
 ``cfg.split`` says which images ψ sees: the old training set by default; Table 6's "SimCLR-ImageNet-1k" row is
 ``split = new_train`` (its images, still without labels). The side-information width is ``cfg.model.embedding_dim``.
 
+``cfg.input_norm = "image"`` (optional; default ``"none"``) standardises every input image by its own mean and
+standard deviation inside ψ (:class:`InputStandardized`, like ``tf.image.per_image_standardization``), in training
+and wherever ψ is computed later, so that ψ is exactly invariant to global affine intensity changes. On the demo's
+shapes this matters: a freshly initialised CNN's features mostly follow the background level, which SimCLR's
+affine brightness/contrast jitter does not teach away, and without it ψ ended up encoding the background and the
+shape/background contrast far more than the shapes (configs/demo.py has the numbers).
+
 The stage writes ``model/`` (all trained variables, projection head included) and ``config.json`` like every
 stage; :func:`load` rebuilds the ψ network from them.
 """
@@ -32,6 +39,7 @@ from fct_jax.errors import FCTError
 from fct_jax.stages import backbone, common
 
 METHODS = ("simclr", "autoencoder", "alt_old", "alt_old_mixup")
+INPUT_NORMS = ("none", "image")
 
 
 class SimCLRModel(nn.Module):
@@ -43,6 +51,21 @@ class SimCLRModel(nn.Module):
     out = dict(self.encoder(x, train=train))
     out["projection"] = self.projection(out["embedding"], train=train)
     return out
+
+
+class InputStandardized(nn.Module):
+  """``encoder`` on each image standardised by its own mean and standard deviation (over pixels and channels).
+
+  No parameters: the wrapped encoder's variables sit under ``encoder``. ``eps`` guards flat images.
+  """
+  encoder: nn.Module
+  eps: float = 1e-3
+
+  def __call__(self, x, train: bool = False):
+    x = x.astype(jnp.float32)
+    mu = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    sd = jnp.std(x, axis=(1, 2, 3), keepdims=True)
+    return self.encoder((x - mu) / (sd + self.eps), train=train)
 
 
 def _check_method(cfg):
@@ -66,6 +89,11 @@ def build_model(cfg):
     net = models.get_model(cfg.model.name, num_classes=_num_classes(cfg), **common.model_kwargs(cfg.model))
   except (ValueError, TypeError) as e:
     raise FCTError(f"stage {cfg.name!r}: cannot build model {cfg.model.name!r}: {e}") from e
+  input_norm = cfg.get("input_norm", "none") or "none"
+  if input_norm not in INPUT_NORMS:
+    raise FCTError(f"stage {cfg.name!r}: unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
+  if input_norm == "image":
+    net = InputStandardized(encoder=net)
   if cfg.method != "simclr":
     return net
   p = cfg.simclr.projection
