@@ -54,6 +54,7 @@ def train(*, batch_size: int, epochs: float, optimizer_cfg, steps: int = 0, log_
       "steps_per_call": steps_per_call, "arrays_on_device": arrays_on_device})
 
 
+# = fct_jax.losses.LOSS_KINDS, spelled out: config files import only ml_collections (no jax at config time).
 LOSS_KINDS = ("softmax", "arcface")
 
 

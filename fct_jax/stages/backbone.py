@@ -39,15 +39,13 @@ from fct_jax.errors import FCTError
 from fct_jax.stages import common
 
 
-LOSS_KINDS = losses.LOSS_KINDS
-
-
 def loss_spec(cfg) -> dict:
   """``{"kind", "scale", "margin"}`` of a stage config's ``loss`` block (``kind`` defaults to softmax)."""
   lc = cfg.get("loss", {}) or {}
   kind = lc.get("kind", "softmax") or "softmax"
-  if kind not in LOSS_KINDS:
-    raise FCTError(f"stage {cfg.get('name', '?')!r}: unknown loss.kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
+  if kind not in losses.LOSS_KINDS:
+    raise FCTError(f"stage {cfg.get('name', '?')!r}: unknown loss.kind {kind!r}; valid: "
+                   f"{', '.join(losses.LOSS_KINDS)}")
   return {"kind": kind, "scale": float(lc.get("arcface_scale", 64.0)), "margin": float(lc.get("arcface_margin", 0.5))}
 
 
