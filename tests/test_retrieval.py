@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh
 
 from fct_jax import retrieval
-from fct_jax.retrieval import backfill, cases, cka, kernel, metrics
+from fct_jax.retrieval import backfill, cases, cka, kernel, metrics, topk
 
 MESH1 = Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
@@ -181,6 +181,41 @@ def _gram_cka_unbiased(x, y):
     return (np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ l @ one)
   k, l = x @ x.T, y @ y.T
   return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_two_stage_local_topk_is_exact_with_ties(group):
+  """The grouped selection equals one lax.top_k, ties included: small integers, so rows are full of equal values,
+  and equal minima in several groups."""
+  rng = np.random.default_rng(group)
+  s = rng.integers(0, 6, (9, 256)).astype(np.float32)
+  s[0] = 3.0  # a constant row: the answer is the first k columns
+  s[1, ::16] = -1.0  # equal minima at the start of every group
+  # The k-th value tied between a group chosen first (smaller minimum, higher columns) and one chosen second: the
+  # lower column must win (stage 2 sees the chosen groups in column order).
+  s[2] = 10.0
+  s[2, [16, 20, 0, 3]] = [1.0, 5.0, 3.0, 5.0]
+  s[3:] = rng.integers(0, 40, (6, 256))  # distinct group minima, ties across groups
+  for k in (1, 3, 5, 16):
+    val, pos = jax.jit(topk._local_topk, static_argnums=(1, 2))(s, k, group)
+    want = np.argsort(s, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(pos), want)
+    np.testing.assert_array_equal(np.asarray(val), np.take_along_axis(s, want, 1))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_topk_search_matches_brute_force_with_ties(devices):
+  """Galleries large enough for the two-stage path on every shard (and one that is not), padded shards."""
+  mesh = MESH1 if devices == 1 else _mesh8()
+  rng = np.random.default_rng(3)
+  g = rng.integers(-1, 2, (8 * 470 + 3, 4)).astype(np.float32)  # 471 per shard on 8 devices, + padding
+  q = np.concatenate([g[:7], rng.integers(-1, 2, (9, 4)).astype(np.float32)])
+  d2 = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+  for k in (1, 7):
+    idx, dist = topk.topk(q, g, k, mesh=mesh, query_block=8)
+    want = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx, want)
+    np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(d2, want, 1)), atol=1e-5)
 
 
 def test_linear_cka():

@@ -31,20 +31,46 @@ def _shard_map(fn, mesh, in_specs, out_specs):
   return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+# Scores per group in the two-stage selection (see `_local_topk`).
+_GROUP = 16
+
+
+def _local_topk(s, k: int, group: int):
+  """Exact top-k (smallest first; ties: lower column first) of each row of s, in two stages when group > 1.
+
+  Stage 1 takes each group of ``group`` consecutive columns' minimum and the k best groups; stage 2 the top-k
+  among those k·group candidates. Exact: an element outside the k chosen groups sits in a group whose minimum
+  comes after k group minima (by value, then column), i.e. after k distinct elements, so it is not in the top-k.
+  The chosen groups are put back in column order before stage 2, so ``lax.top_k``'s tie rule (lower position
+  first) is the column tie rule. ~5x faster than one ``lax.top_k`` over whole rows on XLA:CPU, whose top-k is a
+  scalar loop while a materialised row-group minimum is a fast vectorised reduction.
+  """
+  b, n = s.shape
+  if group <= 1:
+    neg, pos = lax.top_k(-s, k)
+    return -neg, pos
+  # A barrier so that the minimum reduces a stored array (vectorised) rather than re-fusing the score expression
+  # into a scalar reduction loop.
+  s = lax.optimization_barrier(s)
+  _, grp = lax.top_k(-s.reshape(b, n // group, group).min(axis=2), k)
+  cols = (jnp.sort(grp, axis=1)[:, :, None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(b, k * group)
+  neg, j = lax.top_k(-jnp.take_along_axis(s, cols, axis=1), k)
+  return -neg, jnp.take_along_axis(cols, j, axis=1)
+
+
 @functools.lru_cache(maxsize=32)
-def _build(mesh: Mesh, *, n_total: int, n_local: int, k: int, block: int):
+def _build(mesh: Mesh, *, n_local: int, k: int, block: int, group: int):
   k_local = min(k, n_local)
 
   def per_device(q, g, g_sq):
     offset = lax.axis_index("data") * n_local
-    gidx = offset + jnp.arange(n_local, dtype=jnp.int32)
 
     def one_block(qb):
-      # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours.
+      # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours. Padding rows have |g|² = +inf
+      # (set on the host), so they never rank ahead of a real item.
       s = g_sq[None, :] - 2.0 * jnp.dot(qb, g.T, precision=lax.Precision.HIGHEST)
-      s = jnp.where(gidx[None, :] < n_total, s, jnp.inf)  # padding never ranks
-      neg, pos = lax.top_k(-s, k_local)
-      cand_s = lax.all_gather(-neg, "data", axis=1, tiled=True)  # [B, n_dev * k_local], device-major
+      val, pos = _local_topk(s, k_local, group)
+      cand_s = lax.all_gather(val, "data", axis=1, tiled=True)  # [B, n_dev * k_local], device-major
       cand_i = lax.all_gather(offset + pos, "data", axis=1, tiled=True)
       neg, j = lax.top_k(-cand_s, k)
       idx = jnp.take_along_axis(cand_i, j, axis=1)
@@ -83,14 +109,20 @@ def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int
     raise ValueError(f"k={k} must be in [1, {n}] (the gallery size)")
   n_dev = mesh.shape["data"]
   n_local = max(-(-n // n_dev), 1)
+  # Two-stage selection where each shard has several groups per wanted neighbour (CPU only: on accelerators
+  # lax.top_k is fast and the extra passes would not pay).
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
+  group = _GROUP if on_cpu and n_local >= 4 * k * _GROUP else 1
+  n_local = -(-n_local // group) * group
   g_p = np.zeros((n_local * n_dev, d), np.float32)
   g_p[:n] = g
   g_sq = np.einsum("nd,nd->n", g_p, g_p, dtype=np.float32)
+  g_sq[n:] = np.inf  # padding rows: never ahead of a real item
   block = max(1, min(query_block, m))
   m_pad = -(-m // block) * block
   q_p = np.zeros((m_pad, d), np.float32)
   q_p[:m] = q
-  fn = _build(mesh, n_total=n, n_local=n_local, k=k, block=block)
+  fn = _build(mesh, n_local=n_local, k=k, block=block, group=group)
 
   def put(x, spec):
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
