@@ -56,6 +56,8 @@ def train(*, batch_size: int, epochs: float, optimizer_cfg, steps: int = 0, log_
 
 # = fct_jax.losses.LOSS_KINDS, spelled out: config files import only ml_collections (no jax at config time).
 LOSS_KINDS = ("softmax", "arcface")
+# = fct_jax.stages.side_info.INPUT_NORMS, spelled out for the same reason.
+INPUT_NORMS = ("none", "image")
 
 
 def loss_block(*, label_smoothing: float, loss_kind: str = "softmax", arcface_scale: float = 64.0,
@@ -101,7 +103,8 @@ def side_info_stage(name: str, *, method: str = "simclr", data, split: str, mode
                     projection_hidden_dim: int = 2048, projection_dim: int = 128, projection_layers: int = 2,
                     temperature: float = 0.1, views=None, label_smoothing: float = 0.1, mixup_alpha: float = 0.2,
                     augment: str = "none", eval_split: str = "", eval_batch_size: int = 256,
-                    loss_kind: str = "softmax", arcface_scale: float = 64.0, arcface_margin: float = 0.5):
+                    loss_kind: str = "softmax", arcface_scale: float = 64.0, arcface_margin: float = 0.5,
+                    input_norm: str = "none"):
   """ψ: the side-information model, trained on ``split`` (images only, except for the alternate old models).
 
   ``method``: simclr | autoencoder | alt_old | alt_old_mixup (see ``fct_jax/stages/side_info.py``). The width of
@@ -110,7 +113,12 @@ def side_info_stage(name: str, *, method: str = "simclr", data, split: str, mode
   transform), ``loss.label_smoothing`` and ``mixup.alpha``; ``alt_old`` and ``alt_old_mixup`` also ``loss.kind``
   (``loss_kind``, ``arcface_scale``, ``arcface_margin`` as in :func:`backbone_stage`: an ArcFace alternate old
   model).
+  ``input_norm="image"`` standardises every input image by its own mean and standard deviation inside ψ (for every
+  method, in training and wherever ψ is computed later; ``"none"``: ψ sees the images as they are). See
+  ``fct_jax/stages/side_info.py``.
   """
+  if input_norm not in INPUT_NORMS:
+    raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
   v = {"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5, "jitter_prob": 0.8,
        "grayscale_prob": 0.2, "blur_prob": 0.0}
   v.update(views or {})
@@ -118,7 +126,7 @@ def side_info_stage(name: str, *, method: str = "simclr", data, split: str, mode
     model = with_head(model)
   return ml_collections.ConfigDict({
       "name": name, "kind": "side_info", "method": method, "seed": seed, "data": data, "split": split,
-      "model": model, "train": train_cfg,
+      "model": model, "train": train_cfg, "input_norm": input_norm,
       "simclr": {"projection": {"hidden_dim": projection_hidden_dim, "out_dim": projection_dim,
                                 "num_layers": projection_layers},
                  "temperature": temperature, "augment": "simclr", "views": v},

@@ -101,15 +101,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # once, then h trains on vectors. README: epoch cost and compatibility against the online mode.
   h_kw = dict(data=data, split="new_train", model=h_model, feature_mode="cached", augment=h_augment,
               cache_views=h_views, eval_batch_size=eval_bs)
-  side_info_cfg = common.side_info_stage("side_info", method="simclr", data=data, split="old_train",
-                                         model=side_model, train_cfg=train(simclr_opt(), side_epochs), seed=4,
-                                         temperature=0.2, views=demo_views, eval_batch_size=eval_bs, **side_kw)
-  side_info_cfg.input_norm = "image"  # see fct_jax/stages/side_info.py
   stages = [
       common.backbone_stage("old", data=data, split="old_train", model=model, train_cfg=train(sgd(), bb_epochs),
                             seed=1, eval_batch_size=eval_bs),
       # Side-information is trained at old time, on the old training images, without their labels.
-      side_info_cfg,
+      common.side_info_stage("side_info", method="simclr", data=data, split="old_train", model=side_model,
+                             train_cfg=train(simclr_opt(), side_epochs), seed=4, temperature=0.2, views=demo_views,
+                             input_norm="image", eval_batch_size=eval_bs, **side_kw),
       common.backbone_stage("new", data=data, split="new_train", model=model, train_cfg=train(sgd(), bb_epochs),
                             seed=2, eval_batch_size=eval_bs),
       # The BCT baseline: the new model's recipe + the influence loss through old's frozen, extended classifier.

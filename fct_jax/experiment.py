@@ -45,7 +45,7 @@ def _flatten(d, prefix=""):
 # Fields added to the stage configs after workdirs existed, with the value their absence meant: a stage saved before
 # (no such key in its config.json) still matches a config that spells the default out.
 ADDED_DEFAULTS = {"loss.kind": "softmax", "loss.arcface_scale": 64.0, "loss.arcface_margin": 0.5,
-                  "model.head": "linear"}
+                  "model.head": "linear", "input_norm": "none"}
 
 
 def _normalise(cfg_dict):

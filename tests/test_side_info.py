@@ -219,6 +219,33 @@ def test_input_norm_makes_psi_invariant_to_affine_intensity(upstream):
     side_info.build_model(cfg)
 
 
+def test_side_info_stage_input_norm_argument():
+  """``common.side_info_stage(input_norm=...)``: "none" by default, the stage's own values only."""
+  kw = dict(data={}, split="old_train", model={"name": "small_cnn"}, train_cfg={}, seed=0)
+  assert cfg_common.INPUT_NORMS == side_info.INPUT_NORMS
+  assert cfg_common.side_info_stage("s", **kw).input_norm == "none"
+  assert cfg_common.side_info_stage("s", input_norm="image", **kw).input_norm == "image"
+  with pytest.raises(ValueError, match="unknown input_norm 'channel'; valid: none, image"):
+    cfg_common.side_info_stage("s", input_norm="channel", **kw)
+
+
+def test_stage_saved_before_input_norm_still_matches(tmp_path):
+  """A side_info stage whose config.json predates ``input_norm`` (raw input: "none") is not refused."""
+  cfg = _side_cfg("simclr", "si_before")
+  cfg.input_norm = "none"
+  saved = cfg.to_dict()
+  del saved["input_norm"]
+  d = tmp_path / "si_before"
+  d.mkdir()
+  checkpoint.write_json(str(tmp_path / "experiment.json"), {"experiment": "demo"})
+  checkpoint.write_json(str(d / "config.json"), saved)
+  checkpoint.mark_done(str(d))
+  assert experiment.run(cfg_common.experiment("demo", [cfg]), str(tmp_path)) == []  # finished: skipped
+  cfg.input_norm = "image"
+  with pytest.raises(FCTError, match="was run with a different config: input_norm='none' there, 'image' now"):
+    experiment.run(cfg_common.experiment("demo", [cfg]), str(tmp_path))
+
+
 def test_unknown_method():
   bad = _side_cfg("simclr", "x")
   bad.method = "byol"

@@ -317,3 +317,13 @@ def test_configs():
   assert seq.stages.g2.new == "side2" and seq.stages.g2.side_info.stage == "side1"
   assert seq.stages.v1.split == "train_250" and seq.stages.h13.old == "v1" and seq.stages.h13.new == "v3"
   assert [r["name"] for r in seq.stages.eval.rows][:4] == list(SEQUENCE_ROWS)
+  # The sequence's SimCLR ψ follow the demo's recipe (per-image standardisation, gamma views, 18 epochs).
+  for arg in ("", "runlocal"):
+    want = demo.get_config(arg or None).stages.side_info
+    assert want.input_norm == "image" and want.simclr.views.gamma == 2.0
+    for side in ("side1", "side2"):
+      got = demo_sequence.get_config(arg or None).stages[side]
+      assert got.input_norm == want.input_norm and got.simclr.to_dict() == want.simclr.to_dict()
+      assert got.train.epochs == want.train.epochs and got.train.optimizer.to_dict() == want.train.optimizer.to_dict()
+  # Every other side-information stage keeps ψ's raw input.
+  assert all(st.input_norm == "none" for st in seq.stages.values() if st.kind == "side_info")
