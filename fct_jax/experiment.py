@@ -172,7 +172,15 @@ def split_size(data_cfg, split: str):
   name = data_cfg.get("name")
   if name == "shapes":
     sizes = {"old_train": "num_old_train", "new_train": "num_new_train", "eval": "num_eval"}
-    return (int(data_cfg[sizes[split]]), "config") if split in sizes else (None, f"unknown split {split!r}")
+    if split in sizes:
+      return int(data_cfg[sizes[split]]), "config"
+    m = re.match(r"^train_(\d+)$", split)
+    if m:  # the first K shapes of new_train, whose (shape, colour) pairs are balanced (shapes.make_split)
+      from fct_jax.data import shapes  # pylint: disable=g-import-not-at-top
+      nc, k = len(shapes.COLOURS), int(m.group(1))
+      pairs = np.arange(int(data_cfg["num_new_train"])) % (len(shapes.SHAPES) * nc)
+      return int((pairs // nc < k).sum()), "config"
+    return None, f"unknown split {split!r}"
   if name == "digits":
     try:
       from sklearn import datasets as skd  # pylint: disable=g-import-not-at-top

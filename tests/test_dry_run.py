@@ -11,7 +11,7 @@ from fct_jax import checkpoint, experiment
 from fct_jax.data import shapes, sources, tfds_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("demo", "cifar100", "imagenet", "places365", "vggface2", "digits")
+CONFIGS = ("demo", "demo_sequence", "cifar100", "imagenet", "places365", "vggface2", "digits")
 
 
 @pytest.fixture
@@ -25,7 +25,8 @@ def no_data(monkeypatch):
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in ("", "runlocal", "ablation")
-                                      if not (n == "digits" and a == "ablation")])  # digits: no side-info stages
+                                      # digits: no side-info stages; demo_sequence: no ablation variant
+                                      if not (n in ("digits", "demo_sequence") and a == "ablation")])
 def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
   config = importlib.import_module(f"configs.{name}").get_config(arg or None)
   if arg == "ablation":  # Table 6: every side-information kind gets its own h and row
@@ -53,6 +54,12 @@ def test_known_sizes_and_unknown_ones():
   assert experiment.split_size(im.eval.data, "eval")[0] == 50_000
   assert experiment.split_size(im.old.data, "train_250") == (None, experiment.UNKNOWN)
   assert experiment.split_size(places365.get_config().stages.old.data, "old_train") == (None, experiment.UNKNOWN)
+  # The shapes demo's train_<K> (first K shapes of new_train): counted from the config, as the source counts it.
+  from configs import demo_sequence  # pylint: disable=g-import-not-at-top
+  data = demo_sequence.get_config("runlocal").stages.v2.data
+  for k in (1, 4, 5):
+    n, _ = experiment.split_size(data, f"train_{k}")
+    assert n == sources.get_source(data, f"train_{k}")[1].num_examples and 0 < n <= data.num_new_train
 
 
 def test_reports_finished_stages_and_refusals(tmp_path, capsys, no_data):
