@@ -72,45 +72,48 @@ def run_ours(x, labels, ks, count_method="auto", repeats=1):
   return r, min(times), {"first_call_s_incl_compile": first, "all_s": times, "backend": jax.default_backend()}
 
 
-def run_faiss(x, labels, ks, repeats=1):
-  import faiss  # pylint: disable=g-import-not-at-top
+def _cmc_from_neighbours(idx, labels, ks):
+  """CMC top-k in percent from (N, kmax+1) neighbour indices of the N queries (query = gallery): the query's own
+  item is dropped wherever ties put it, the first kmax others kept."""
   kmax = max(ks)
+  own = idx == np.arange(len(idx))[:, None]
+  rest = np.where(own, -1, idx)
+  order = np.argsort(own, axis=1, kind="stable")
+  rest = np.take_along_axis(rest, order, axis=1)[:, :kmax]
+  match = labels[rest] == labels[:, None]
+  return {f"cmc_top{k}": float(100 * match[:, :k].any(1).mean()) for k in ks}
+
+
+def _timed_search(search, labels, ks, repeats):
+  """Runs ``search() -> (N, kmax+1) indices`` plus the CMC bookkeeping ``repeats`` times; (metrics, fastest, all)."""
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
+    r = _cmc_from_neighbours(search(), labels, ks)
+    times.append(time.perf_counter() - t0)
+  return r, min(times), times
+
+
+def run_faiss(x, labels, ks, repeats=1):
+  import faiss  # pylint: disable=g-import-not-at-top
+
+  def search():
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(x)
-    _, idx = index.search(x, kmax + 1)  # +1: the query itself
-    # Drop the query's own item (wherever ties put it), keep the first kmax others.
-    own = idx == np.arange(len(x))[:, None]
-    rest = np.where(own, -1, idx)
-    order = np.argsort(own, axis=1, kind="stable")
-    rest = np.take_along_axis(rest, order, axis=1)[:, :kmax]
-    match = labels[rest] == labels[:, None]
-    times.append(time.perf_counter() - t0)
-  r = {f"cmc_top{k}": float(100 * match[:, :k].any(1).mean()) for k in ks}
-  return r, min(times), {"faiss_threads": faiss.omp_get_max_threads(), "all_s": times}
+    return index.search(x, max(ks) + 1)[1]  # +1: the query itself
+
+  r, best, times = _timed_search(search, labels, ks, repeats)
+  return r, best, {"faiss_threads": faiss.omp_get_max_threads(), "all_s": times}
 
 
 def run_ours_topk(x, labels, ks, repeats=1):
   """Our exact top-k search (fct_jax.retrieval.topk), the same task as faiss: top-(k+1), own item dropped, CMC."""
   from fct_jax.retrieval.topk import topk  # pylint: disable=g-import-not-at-top
-  kmax = max(ks)
   t0 = time.perf_counter()
-  topk(x, x, kmax + 1)
+  topk(x, x, max(ks) + 1)
   first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    idx, _ = topk(x, x, kmax + 1)
-    own = idx == np.arange(len(x))[:, None]
-    rest = np.where(own, -1, idx)
-    order = np.argsort(own, axis=1, kind="stable")
-    rest = np.take_along_axis(rest, order, axis=1)[:, :kmax]
-    match = labels[rest] == labels[:, None]
-    times.append(time.perf_counter() - t0)
-  r = {f"cmc_top{k}": float(100 * match[:, :k].any(1).mean()) for k in ks}
-  return r, min(times), {"first_call_s_incl_compile": first, "all_s": times}
+  r, best, times = _timed_search(lambda: topk(x, x, max(ks) + 1)[0], labels, ks, repeats)
+  return r, best, {"first_call_s_incl_compile": first, "all_s": times}
 
 
 def run_reference(x, labels, ks):
