@@ -53,6 +53,24 @@ def test_ties_duplicates_singletons_match_brute_force(method, devices, chunk):
   _assert_same(got, ref)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_progress_reporting_gives_the_same_results(devices, capsys):
+  """progress=True: the blocks run in several calls (the last padded) with a line per call; same numbers."""
+  mesh = MESH1 if devices == 1 else _mesh8()
+  x, labels = _tied_set(11, n=150)
+  ref = kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8, progress=False)
+  assert capsys.readouterr().out == ""
+  got = kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8, progress=True)
+  lines = capsys.readouterr().out.strip().splitlines()
+  # 150 queries in blocks of 8 = 19 blocks, one per call (PROGRESS_CALLS = 20); the last line says all are done.
+  assert len(lines) == 19 and all(l.startswith("[retrieval] ") for l in lines), lines
+  assert lines[-1].startswith("[retrieval] 150/150 queries") and "ETA" in lines[-1]
+  _assert_same(got, ref)
+  r = retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=64, progress=True)
+  assert capsys.readouterr().out.count("[retrieval] ") == 3  # 3 blocks of 64
+  assert r == retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=64)
+
+
 def test_query_not_gallery_float_data_and_missing_classes():
   rng = np.random.default_rng(1)
   q = rng.standard_normal((41, 6)).astype(np.float32)  # e.g. φ_new queries

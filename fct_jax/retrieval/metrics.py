@@ -78,7 +78,7 @@ def metrics_from_stats(stats: kernel.RankStats, ks: Sequence[int] = (1, 5)) -> d
 def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery: bool = False,
              ks: Sequence[int] = (1, 5), mesh=None, query_block: int | None = None,
              gallery_chunk: int | None = None,
-             count_method: str = "auto") -> dict[str, float]:
+             count_method: str = "auto", progress: bool | None = None) -> dict[str, float]:
   """Exact L2 retrieval metrics: CMC top-k and mAP over the full ranking.
 
   Args:
@@ -92,6 +92,7 @@ def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery
     query_block: queries per block (default: by platform); memory is O(query_block × gallery chunk).
     gallery_chunk: gallery items per chunk on one device; default: automatic (see `kernel.rank_stats`).
     count_method: "auto", "histogram" or "reduce" (same results; speed differs by platform).
+    progress: print queries/s and ETA while it runs; None (default): only for long jobs (see `kernel.rank_stats`).
 
   Returns:
     ``{"cmc_top1": ..., "cmc_top5": ..., "mAP": ..., "num_queries": M, "num_skipped": S}``; metrics in percent
@@ -103,7 +104,7 @@ def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery
   ks = validate_inputs(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery, ks=ks)
   stats = kernel.rank_stats(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery,
                             mesh=mesh, query_block=query_block, gallery_chunk=gallery_chunk,
-                            count_method=count_method)
+                            count_method=count_method, progress=progress)
   return metrics_from_stats(stats, ks)
 
 
