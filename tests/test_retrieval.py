@@ -222,7 +222,7 @@ def test_two_stage_local_topk_is_exact_with_ties(group):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_topk_search_matches_brute_force_with_ties(devices):
+def test_topk_search_matches_brute_force_with_ties(devices, capsys):
   """Galleries large enough for the two-stage path on every shard (and one that is not), padded shards."""
   mesh = MESH1 if devices == 1 else _mesh8()
   rng = np.random.default_rng(3)
@@ -234,6 +234,11 @@ def test_topk_search_matches_brute_force_with_ties(devices):
     want = np.argsort(d2, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(d2, want, 1)), atol=1e-5)
+  # With progress lines: 16 queries in 3 calls of blocks of 6 (the last padded), the same neighbours.
+  idx_p, dist_p = topk.topk(q, g, 7, mesh=mesh, query_block=6, progress=True)
+  np.testing.assert_array_equal(idx_p, idx)
+  np.testing.assert_array_equal(dist_p, dist)
+  assert capsys.readouterr().out.count("[retrieval] ") == 3
 
 
 def test_linear_cka():

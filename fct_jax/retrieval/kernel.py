@@ -345,14 +345,7 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
   chunk = min(_round_up(per_dev, 8), _round_up(gallery_chunk, 8))
   n_local = _round_up(per_dev, chunk)
   n_pad = n_local * n_dev
-  if progress is None:
-    progress = m * n >= PROGRESS_MIN_SCORES["cpu" if on_cpu else "accelerator"]
-  # Query blocks per jitted call: all of them at once, or ~PROGRESS_CALLS calls of one compiled shape (the last
-  # padded with empty queries) so that progress can be reported between calls.
-  blocks = -(-m // block)
-  per_call = -(-blocks // PROGRESS_CALLS) if progress else blocks
-  n_calls = -(-blocks // per_call)
-  m_pad = n_calls * per_call * block
+  progress, per_call, m_pad = plan_calls(m, n, block, progress, on_cpu)
 
   g_p = np.zeros((n_pad, d), np.float32)
   g_p[:n] = g
@@ -371,21 +364,46 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
   rep = NamedSharding(mesh, P())
   shard = NamedSharding(mesh, P("data"))
 
-  def put(x, sharding):
-    # make_array_from_callback works the same on one host and on many (every process holds the full numpy array).
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  num_pos, first_rank, ap = run_calls(
+      fn, (q_p.reshape(nb, block, d), q_cls_p.reshape(nb, block), q_idx.reshape(nb, block)),
+      (put(g_p, shard), put(g_sq, shard), put(table, rep)), mesh=mesh, per_call=per_call, rows=m,
+      progress=progress)
+  return RankStats(num_pos=num_pos, first_rank=first_rank, ap=ap)
 
-  gallery_args = (put(g_p, shard), put(g_sq, shard), put(table, rep))
-  q_p, q_cls_p, q_idx = q_p.reshape(nb, block, d), q_cls_p.reshape(nb, block), q_idx.reshape(nb, block)
-  bar = writers.Progress(m, unit="queries", prefix="[retrieval] ") if progress else None
+
+def put(x: np.ndarray, sharding) -> jax.Array:
+  """A host array onto the mesh; works the same on one host and on many (every process holds all of x)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def plan_calls(m: int, n: int, block: int, progress: bool | None, on_cpu: bool):
+  """How the query blocks are split into jitted calls: ``(progress, blocks_per_call, padded_query_count)``.
+
+  All blocks in one call, or (progress) about :data:`PROGRESS_CALLS` calls of one compiled shape, the last padded
+  with empty queries, so that progress can be reported between calls. ``progress=None``: on for M × N at or above
+  :data:`PROGRESS_MIN_SCORES` for the platform.
+  """
+  if progress is None:
+    progress = m * n >= PROGRESS_MIN_SCORES["cpu" if on_cpu else "accelerator"]
+  blocks = -(-m // block)
+  per_call = -(-blocks // PROGRESS_CALLS) if progress else blocks
+  return progress, per_call, -(-blocks // per_call) * per_call * block
+
+
+def run_calls(fn, blocked, shared, *, mesh: Mesh, per_call: int, rows: int, progress: bool):
+  """Runs ``fn(*blocked_slices, *shared)`` over ``per_call`` blocks at a time (host arrays of leading size
+  blocks, replicated onto ``mesh``); returns fn's outputs as host arrays, blocks flattened, cut to ``rows``.
+  With ``progress``, prints rows/s and ETA after each call (process 0)."""
+  rep = NamedSharding(mesh, P())
+  n_calls = blocked[0].shape[0] // per_call
+  bar = writers.Progress(rows, unit="queries", prefix="[retrieval] ") if progress else None
   outs = []
   for i in range(n_calls):
     sl = slice(i * per_call, (i + 1) * per_call)
-    out = fn(put(q_p[sl], rep), put(q_cls_p[sl], rep), put(q_idx[sl], rep), *gallery_args)
+    out = fn(*(put(b[sl], rep) for b in blocked), *shared)
     if bar is not None:
-      outs.append(tuple(np.asarray(o) for o in out))  # waits for this call
-      bar.update(min(m, (i + 1) * per_call * block))
-    else:
-      outs.append(out)
-  num_pos, first_rank, ap = (np.concatenate([np.asarray(o[k]).reshape(-1) for o in outs])[:m] for k in range(3))
-  return RankStats(num_pos=num_pos, first_rank=first_rank, ap=ap)
+      out = tuple(np.asarray(o) for o in out)  # waits for this call
+      bar.update(min(rows, (i + 1) * per_call * blocked[0].shape[1]))
+    outs.append(out)
+  return tuple(np.concatenate([np.asarray(o[k]).reshape((-1,) + o[k].shape[2:]) for o in outs])[:rows]
+               for k in range(len(outs[0])))

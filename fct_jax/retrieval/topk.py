@@ -22,6 +22,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fct_jax.retrieval import kernel
+
 
 def _shard_map(fn, mesh, in_specs, out_specs):
   shard_map = getattr(jax, "shard_map", None)
@@ -83,8 +85,8 @@ def _build(mesh: Mesh, *, n_local: int, k: int, block: int, group: int):
   return jax.jit(fn)
 
 
-def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int = 256
-         ) -> Tuple[np.ndarray, np.ndarray]:
+def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int = 256,
+         progress: bool | None = None) -> Tuple[np.ndarray, np.ndarray]:
   """The ``k`` nearest gallery rows of every query under the L2 distance.
 
   Args:
@@ -93,6 +95,8 @@ def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int
     k: neighbours per query; at most N.
     mesh: a Mesh with a ``data`` axis to shard the gallery over; default: all devices.
     query_block: queries per block.
+    progress: print queries/s and ETA while it runs; None (default): only for long searches (see
+      `kernel.rank_stats`).
 
   Returns:
     ``(indices [M, k] int32, distances [M, k] float32)``: gallery row indices, nearest first (ties: lower index
@@ -119,13 +123,10 @@ def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int
   g_sq = np.einsum("nd,nd->n", g_p, g_p, dtype=np.float32)
   g_sq[n:] = np.inf  # padding rows: never ahead of a real item
   block = max(1, min(query_block, m))
-  m_pad = -(-m // block) * block
+  progress, per_call, m_pad = kernel.plan_calls(m, n, block, progress, on_cpu)
   q_p = np.zeros((m_pad, d), np.float32)
   q_p[:m] = q
   fn = _build(mesh, n_local=n_local, k=k, block=block, group=group)
-
-  def put(x, spec):
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
-
-  idx, dist = fn(put(q_p.reshape(-1, block, d), P()), put(g_p, P("data")), put(g_sq, P("data")))
-  return np.asarray(idx).reshape(m_pad, k)[:m], np.asarray(dist).reshape(m_pad, k)[:m]
+  shard = NamedSharding(mesh, P("data"))
+  return kernel.run_calls(fn, (q_p.reshape(-1, block, d),), (kernel.put(g_p, shard), kernel.put(g_sq, shard)),
+                          mesh=mesh, per_call=per_call, rows=m, progress=progress)
