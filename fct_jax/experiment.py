@@ -12,7 +12,6 @@ refused rather than overwritten; only bookkeeping fields (logging and checkpoint
 
 import json
 import math
-import re
 from typing import Optional
 
 import jax
@@ -22,7 +21,7 @@ from etils import epath
 
 from fct_jax import checkpoint, sharding
 from fct_jax.errors import FCTError
-from fct_jax.stages import STAGE_KINDS, backbone
+from fct_jax.stages import STAGE_KINDS, backbone, transformation
 from fct_jax.stages.common import Context
 
 # Fields that do not change what a stage computes; they may differ between a run and its resume.
@@ -100,6 +99,14 @@ def _check_stage_config(name: str, stage_cfg, stage_dir: str):
                    f"there, {now.get(k, '<absent>')!r} now{more}; use a new --workdir")
 
 
+def _validate_stages(todo):
+  """Checks every stage config that can be checked without the disk: known kind, head and loss consistent."""
+  for name, scfg in todo:
+    if scfg.get("kind") not in STAGE_KINDS:
+      raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
+    backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_step: Optional[int] = None):
   """Runs the plan (or the one selected stage) in ``workdir``; returns the names of the stages that ran.
 
@@ -110,10 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
     stop_at_step: stop each trained stage at this step as if preempted (tests).
   """
   todo = stage_configs(config)
-  for name, scfg in todo:  # validate everything before touching the disk
-    if scfg.get("kind") not in STAGE_KINDS:
-      raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
-    backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
+  _validate_stages(todo)  # before touching the disk
   workdir = checkpoint.abspath(workdir)
   _check_experiment(config, workdir)
   for name, scfg in todo:
@@ -168,18 +172,16 @@ def split_size(data_cfg, split: str):
   images); TFDS datasets use :data:`KNOWN_SPLIT_SIZES` / :data:`KNOWN_FIRST_CLASSES`; ``runlocal``'s mock data
   has ``mock_num_examples`` per split with random labels, so a class subset keeps about its share.
   """
-  from fct_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from fct_jax.data import shapes, sources  # pylint: disable=g-import-not-at-top
   name = data_cfg.get("name")
+  m = sources.TRAIN_K.match(split)
   if name == "shapes":
     sizes = {"old_train": "num_old_train", "new_train": "num_new_train", "eval": "num_eval"}
     if split in sizes:
       return int(data_cfg[sizes[split]]), "config"
-    m = re.match(r"^train_(\d+)$", split)
-    if m:  # the first K shapes of new_train, whose (shape, colour) pairs are balanced (shapes.make_split)
-      from fct_jax.data import shapes  # pylint: disable=g-import-not-at-top
-      nc, k = len(shapes.COLOURS), int(m.group(1))
-      pairs = np.arange(int(data_cfg["num_new_train"])) % (len(shapes.SHAPES) * nc)
-      return int((pairs // nc < k).sum()), "config"
+    if m:  # the first K shapes of new_train
+      pairs = shapes.balanced_pairs(int(data_cfg["num_new_train"]), len(shapes.SHAPES))
+      return int((pairs // len(shapes.COLOURS) < int(m.group(1))).sum()), "config"
     return None, f"unknown split {split!r}"
   if name == "digits":
     try:
@@ -198,7 +200,6 @@ def split_size(data_cfg, split: str):
     return None, f"unknown dataset {name!r}"
   spec = sources.TFDS_DATASETS[name]
   tfds_name = (data_cfg.get("tfds_name", "") or spec.tfds_name).split(":")[0]
-  m = re.match(r"^train_(\d+)$", split)
   if split == "eval":
     k = None
   elif split in ("old_train", "new_train") or m:
@@ -243,10 +244,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
   reported, not raised.
   """
   todo = stage_configs(config)
-  for name, scfg in todo:
-    if scfg.get("kind") not in STAGE_KINDS:
-      raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
-    backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
+  _validate_stages(todo)
   workdir = checkpoint.abspath(workdir)
   experiment = config.get("experiment", "")
   print(f"dry run: experiment {experiment!r}, {len(todo)} stage(s), workdir {workdir} "
@@ -288,9 +286,13 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
           line += " (the split is smaller than one batch: the run would stop with an error)"
       if scfg.kind == "transformation":
         side = scfg.get("side_info", {})
+        try:
+          mode = transformation.feature_mode(scfg)
+        except FCTError as e:
+          mode = f"? ({e})"
         line += (f"\n     from {scfg.get('old', 'old')} → {scfg.get('new', 'new')}, side-info "
                  f"{side.get('kind', 'none')}{' (' + side.get('stage') + ')' if side.get('stage') else ''}, "
-                 f"features {scfg.get('feature_mode', 'cached' if scfg.get('cache_features') else 'online')}")
+                 f"features {mode}")
       if scfg.kind == "evaluation":
         compare = ", ".join(scfg.get("compare_transformations", ()))
         line += (f"\n     h from {scfg.get('transformation')}" + (f"; compared: {compare}" if compare else "")

@@ -5,6 +5,18 @@ import jax.numpy as jnp
 import optax
 
 
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """x / max(‖x‖₂, eps) along ``axis`` (PyTorch's ``F.normalize`` semantics), computed in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def cosine_logits(x, kernel):
+  """ArcFace's logits: cosines [B, C] in [-1, 1] between the rows of x [B, D] and the columns of kernel [D, C],
+  both L2-normalised (``models.heads.ArcFaceHead`` and BCT through an ArcFace old model); a zero column gives 0."""
+  return jnp.clip(jnp.dot(l2_normalize(x, axis=-1), l2_normalize(kernel, axis=0)), -1.0, 1.0)
+
+
 def softmax_cross_entropy(*, logits, labels, label_smoothing: float = 0.0):
   """Mean softmax cross-entropy with label smoothing.
 
@@ -115,7 +127,7 @@ def nt_xent_loss(*, z1, z2, temperature: float = 0.1):
   """
   b = z1.shape[0]
   z = jnp.concatenate([z1, z2], axis=0).astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  z = l2_normalize(z)
   sim = jnp.dot(z, z.T, precision=jax.lax.Precision.HIGHEST) / temperature
   # -inf on the diagonal removes each anchor from its own softmax denominator.
   sim = jnp.where(jnp.eye(2 * b, dtype=jnp.bool_), -jnp.inf, sim)
@@ -190,12 +202,9 @@ def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing
   emb = new_embedding.astype(jnp.float32)
   w = jax.lax.stop_gradient(old_classifier).astype(jnp.float32)
   if kind == "arcface":
-    # The ArcFaceHead's cosines (same normalisation, eps as F.normalize); a zero column (a new class without
-    # examples) gives cosine 0.
-    emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-    w = w / jnp.maximum(jnp.linalg.norm(w, axis=0, keepdims=True), 1e-12)
-    cosine = jnp.clip(jnp.dot(emb, w), -1.0, 1.0)
-    return arcface_loss(cosine=cosine, labels=labels, scale=scale, margin=margin, label_smoothing=label_smoothing)
+    # The ArcFaceHead's cosines; a zero column (a new class without examples) gives cosine 0.
+    return arcface_loss(cosine=cosine_logits(emb, w), labels=labels, scale=scale, margin=margin,
+                        label_smoothing=label_smoothing)
   return softmax_cross_entropy(logits=jnp.dot(emb, w), labels=labels, label_smoothing=label_smoothing)
 
 

@@ -236,13 +236,13 @@ class PreemptionWatcher:
 
 
 @contextlib.contextmanager
-def _finish_saves_on_error(mngr):
-  """A NaN/Inf stop (or any error) still lets an asynchronous save of an earlier, finite step complete."""
+def _finish_saves(mngr):
+  """Waits for asynchronous checkpoint saves when the loop ends, however it ends: the last save at the end, the
+  one before a preemption stop, and an earlier, finite step's save before a NaN/Inf stop (or any error)."""
   try:
     yield
-  except Exception:
+  finally:
     mngr.wait_until_finished()
-    raise
 
 
 def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Optional[int] = None):
@@ -265,7 +265,7 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
   """
   tc = cfg.train
   mesh = mesh or sharding.make_mesh()
-  sharding.check_batch_size(tc.batch_size, mesh, "train.batch_size")
+  per_process_batch = sharding.check_batch_size(tc.batch_size, mesh, "train.batch_size")
   steps_per_epoch, total = steps_for(tc, len(source))
   tx, schedule = optim.make_optimizer(tc.optimizer, total, steps_per_epoch)
   repl, data_sh = sharding.replicated(mesh), sharding.data_sharded(mesh)
@@ -277,10 +277,10 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
   if per_call > 1 and not on_device:
     raise FCTError(f"stage {task.name!r}: train.steps_per_call={per_call} needs the device-resident arrays path "
                    "(the transformation's cached features with train.arrays_on_device); set it to 1")
-  per_call = min(per_call or (DEFAULT_STEPS_PER_CALL if on_device else 1), total) if on_device else 1
+  per_call = min(per_call or DEFAULT_STEPS_PER_CALL, total) if on_device else 1
 
   def host_arrays_batches(start):
-    p, b = jax.process_index(), tc.batch_size // jax.process_count()
+    p, b = jax.process_index(), per_process_batch
     for step in range(start, total):
       idx = np.asarray(task.indices(step, 1))[0, p * b:(p + 1) * b]
       yield jax.tree.map(lambda x: x[idx], task.arrays)
@@ -399,7 +399,7 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
           f"{mesh.size} devices{calls})", flush=True)
   data = batches(start) if start < end and not on_device else iter(())
   watcher = PreemptionWatcher()
-  with watcher.installed(), _finish_saves_on_error(mngr):
+  with watcher.installed(), _finish_saves(mngr):
     step = start
     while step < end:
       n = next_stop(step) - step
@@ -415,13 +415,11 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
         flush_metrics(step)  # never checkpoint a non-finite state
         checkpoint.save_state(mngr, step, state, force=last)
       if preempted:
-        mngr.wait_until_finished()
         writer.close()
         raise Preempted(f"stage {task.name!r} stopped at step {step}/{total} on request; checkpoint saved, "
                         "rerun the same command to resume")
       if eval_every and step % eval_every == 0 and not last:
         run_eval(step, state)
-  mngr.wait_until_finished()
   if end == total:
     run_eval(total, state)
   writer.flush()

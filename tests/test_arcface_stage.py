@@ -1,6 +1,5 @@
 """ArcFace in the backbone stage: loss.kind / model.head, BCT through an ArcFace old model, the VGGFace2 plan."""
 
-import json
 import os
 
 import jax
@@ -14,6 +13,7 @@ from fct_jax import checkpoint, experiment, losses
 from fct_jax.data import sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import backbone, common, side_info
+import stage_logs  # tests/stage_logs.py  pylint: disable=g-bad-import-order
 
 
 def _arcface(cfg, steps=None):
@@ -23,9 +23,6 @@ def _arcface(cfg, steps=None):
     cfg.train.steps = steps
   return cfg
 
-
-def _metrics(d):
-  return [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"step"' in l]
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +37,13 @@ def arc_old(tmp_path_factory):
 
 def test_arcface_backbone_trains(arc_old):
   wd, cfg = arc_old
-  hist = [r for r in _metrics(os.path.join(wd, "old")) if "loss" in r]
+  hist = [r for r in stage_logs.records(os.path.join(wd, "old")) if "loss" in r]
   loss = [r["loss"] for r in hist]
   assert len(loss) == 12 and np.all(np.isfinite(loss))
   # s = 64, m = 0.5: the margin makes the initial loss large (s·sin m ≈ 31 above log C); it must come down.
   assert loss[0] > 20 and np.mean(loss[-3:]) < loss[0] - 5, loss
   assert all(0.0 <= r["train_accuracy"] <= 1.0 for r in hist)
-  evals = [r for r in _metrics(os.path.join(wd, "old")) if "eval/mAP" in r]
+  evals = [r for r in stage_logs.records(os.path.join(wd, "old")) if "eval/mAP" in r]
   assert [r["step"] for r in evals] == [6, 12] and all(np.isfinite(r["eval/retrieval_top1"]) for r in evals)
   saved = checkpoint.load_model(os.path.join(wd, "old"))
   assert saved["params"]["classifier"]["kernel"].shape == (8, 4)  # ArcFaceHead keeps the shared kernel name
@@ -134,7 +131,7 @@ def test_alt_old_side_info_with_arcface(arc_old, method):
   checkpoint.write_json(os.path.join(d, "config.json"), c.to_dict())
   assert side_info.run(c, d, common.Context(workdir=wd))
   checkpoint.mark_done(d)
-  loss = [r["loss"] for r in _metrics(d) if "loss" in r]
+  loss = [r["loss"] for r in stage_logs.records(d) if "loss" in r]
   # ArcFace's margin puts the first loss far above softmax cross-entropy's log C ≈ 1.4 (4 classes).
   assert loss and all(np.isfinite(loss)) and loss[0] > 10, loss
   psi = side_info.load(common.Context(workdir=wd), c.name, "test")
@@ -153,7 +150,7 @@ def test_bct_through_arcface_old_model(arc_old):
   d = os.path.join(wd, "bct_arc")
   os.makedirs(d, exist_ok=True)
   assert backbone.run(cfg, d, ctx)
-  hist = [r for r in _metrics(d) if "loss" in r]
+  hist = [r for r in stage_logs.records(d) if "loss" in r]
   assert all(np.isfinite(r["influence_loss"]) for r in hist) and hist[0]["influence_loss"] > 20  # s·sin m
 
   assert backbone.bct_old_loss(cfg, ctx) == {"kind": "arcface", "scale": 64.0, "margin": 0.5}
@@ -230,5 +227,11 @@ def test_vggface2_runlocal_old_stage_on_mock_data(tmp_path):
   """ArcFace on the TFDS path (mock VGGFace2): the runlocal old stage trains with finite losses."""
   cfg = vggface2.get_config("stage=old,runlocal")
   assert experiment.run(cfg, str(tmp_path)) == ["old"]
-  hist = [r for r in _metrics(str(tmp_path / "old")) if "loss" in r]
+  hist = [r for r in stage_logs.records(str(tmp_path / "old")) if "loss" in r]
   assert len(hist) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 20 for r in hist)
+
+
+def test_config_loss_kinds_match_the_library():
+  """configs/common.py spells the loss kinds out (configs import no jax): they must stay the library's."""
+  from configs import common as cfg_common  # pylint: disable=g-import-not-at-top
+  assert cfg_common.LOSS_KINDS == losses.LOSS_KINDS

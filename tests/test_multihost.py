@@ -12,7 +12,6 @@ processes, gathered by index on device, several steps per jitted call) and held 
 its part of every global batch).
 """
 
-import json
 import os
 import shutil
 import socket
@@ -27,6 +26,7 @@ from fct_jax import checkpoint, experiment
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import multihost_worker  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import stage_logs  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 COMPARED = ("loss", "grad_norm", "train_accuracy", "lr", "eval/retrieval_top1", "eval/mAP")
 
@@ -36,10 +36,6 @@ def _free_port():
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
-
-def _metrics(stage_dir):
-  """The stage's logged records (``metrics.jsonl``, written by process 0 only), hparams line excluded."""
-  return [json.loads(l) for l in open(os.path.join(stage_dir, "metrics.jsonl")) if '"step"' in l]
 
 
 def _run_workers(workdir: str, config: str = "backbone"):
@@ -63,10 +59,6 @@ def _run_workers(workdir: str, config: str = "backbone"):
   return outs
 
 
-def _hparams(stage_dir):
-  return [json.loads(l)["hparams"] for l in open(os.path.join(stage_dir, "metrics.jsonl")) if "hparams" in l]
-
-
 def _assert_params_close(a_dir, b_dir):
   pa, pb = checkpoint.load_model(a_dir), checkpoint.load_model(b_dir)
   assert jax.tree.structure(pa) == jax.tree.structure(pb)
@@ -78,14 +70,14 @@ def test_two_processes_match_one(tmp_path):
   outs = _run_workers(multi)
   assert checkpoint.is_done(os.path.join(multi, "old"))
   assert "(tfds cifar100 train, mock)" in outs[0]  # the TFDS source, not an in-memory one
-  hparams = _hparams(os.path.join(multi, "old"))
+  hparams = stage_logs.hparams(os.path.join(multi, "old"))
   assert hparams[0]["processes"] == "2" and hparams[0]["devices"] == "8"
 
   assert jax.device_count() == 8 and jax.process_count() == 1
   experiment.run(multihost_worker.stage_config(), single)
 
   # The logged metrics: every training step (log_every_steps=1) and the evaluations at steps 2 and 4.
-  a, b = _metrics(os.path.join(multi, "old")), _metrics(os.path.join(single, "old"))
+  a, b = stage_logs.records(os.path.join(multi, "old")), stage_logs.records(os.path.join(single, "old"))
   assert [r["step"] for r in a] == [r["step"] for r in b]
   steps = multihost_worker.STEPS
   assert [r["step"] for r in a if "loss" in r] == list(range(1, steps + 1))
@@ -121,15 +113,16 @@ def test_cached_transformation_two_processes_match_one(tmp_path):
   for name in multihost_worker.H_STAGES:
     a_dir, b_dir = os.path.join(multi, name), os.path.join(single, name)
     assert checkpoint.is_done(a_dir) and checkpoint.is_done(b_dir)
-    assert _hparams(a_dir)[0]["processes"] == "2" and _hparams(a_dir)[0]["devices"] == "8"
-    assert _hparams(b_dir)[0]["processes"] == "1"
+    ha = stage_logs.hparams(a_dir)[0]
+    assert ha["processes"] == "2" and ha["devices"] == "8"
+    assert stage_logs.hparams(b_dir)[0]["processes"] == "1"
     # The cache: computed with each process embedding its slice of every batch, written once (process 0).
     for k in ("old", "psi", "new"):
       fa = np.load(os.path.join(a_dir, "features", f"{k}.npy"))
       fb = np.load(os.path.join(b_dir, "features", f"{k}.npy"))
       assert fa.shape == fb.shape and fa.shape[0] == rows and np.ptp(fa) > 0, (k, fa.shape, fb.shape)
       np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-5, err_msg=f"{name}: cached {k} features")
-    a, b = _metrics(a_dir), _metrics(b_dir)
+    a, b = stage_logs.records(a_dir), stage_logs.records(b_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(every, steps + 1, every))
     for ra, rb in zip(a, b):
       assert set(ra) == set(rb), (ra, rb)

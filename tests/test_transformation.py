@@ -18,6 +18,7 @@ from fct_jax.data import sources
 from fct_jax.errors import FCTError, NonFiniteError
 from fct_jax.gallery import loader
 from fct_jax.stages import backbone, common, transformation
+import stage_logs  # tests/stage_logs.py  pylint: disable=g-bad-import-order
 
 SEQUENCE_ROWS = ("v2/h2(v1)", "v3/h3(v2)", "v3/h3(h2(v1))", "v3/h13(v1)")
 
@@ -48,9 +49,6 @@ def _run_stage(cfg, wd, name):
   return transformation.run(cfg, d, common.Context(workdir=wd)), d
 
 
-def _metrics(d):
-  return [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"step"' in l]
-
 
 def test_sequence_plan_end_to_end(seq_run):
   wd, ran = seq_run
@@ -76,7 +74,7 @@ def test_cached_and_online_both_train(seq_run):
     cfg = _stage_cfg("h2", feature_mode=mode, name=f"h2_{mode}")
     finished, d = _run_stage(cfg, wd, f"h2_{mode}")
     assert finished
-    hist = _metrics(d)
+    hist = stage_logs.records(d)
     assert len(hist) == 2 and all(np.isfinite(r["loss"]) for r in hist)
     assert os.path.isdir(os.path.join(d, "features")) == (mode == "cached")
   feats = np.load(os.path.join(wd, "h2_cached", "features", "old.npy"))
@@ -91,11 +89,11 @@ def test_bn_eval_switch_at_configured_step(seq_run):
   wd, _ = seq_run
   cfg = _stage_cfg("h3_none", **{"name": "h3_bn", "bn_eval_after": 0.5, "train.steps": 4})
   _, d = _run_stage(cfg, wd, "h3_bn")
-  assert [r["bn_train_mode"] for r in _metrics(d)] == [1.0, 1.0, 0.0, 0.0]
+  assert [r["bn_train_mode"] for r in stage_logs.records(d)] == [1.0, 1.0, 0.0, 0.0]
   # Switched from the first step: BatchNorm statistics are never updated (still their initial 0 / 1).
   cfg = _stage_cfg("h3_none", **{"name": "h3_bn0", "bn_eval_after": 0.0})
   _, d = _run_stage(cfg, wd, "h3_bn0")
-  assert [r["bn_train_mode"] for r in _metrics(d)] == [0.0, 0.0]
+  assert [r["bn_train_mode"] for r in stage_logs.records(d)] == [0.0, 0.0]
   stats = checkpoint.load_model(d)["batch_stats"]
   for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(stats):
     expect = 0.0 if "mean" in jax.tree_util.keystr(leaf_path) else 1.0
@@ -114,10 +112,12 @@ def _model(d):
   return jax.tree.map(np.asarray, checkpoint.load_model(d))
 
 
-def test_cached_multi_step_calls_and_resume_are_bit_identical(seq_run):
+def test_cached_multi_step_calls_and_resume_are_bit_identical(seq_run, capsys):
   wd, _ = seq_run
   _, ref = _run_stage(_cached_cfg("h2_spc1", **{"train.steps_per_call": 1}), wd, "h2_spc1")  # 6 calls of 1 step
+  assert "up to 1 steps per call" in capsys.readouterr().out
   _, multi = _run_stage(_cached_cfg("h2_spc4", **{"train.steps_per_call": 4}), wd, "h2_spc4")  # calls of 4 + 2
+  assert "up to 4 steps per call" in capsys.readouterr().out  # the runs differ in their calls
   # Stopped after 3 steps (one call of 3; checkpoint), resumed (one call of 3).
   cfg = _cached_cfg("h2_resumed", **{"train.steps_per_call": 4})
   resumed = os.path.join(wd, "h2_resumed")
@@ -128,9 +128,9 @@ def test_cached_multi_step_calls_and_resume_are_bit_identical(seq_run):
   for other in (multi, resumed):
     jax.tree.map(np.testing.assert_array_equal, _model(ref), _model(other))
   # The logged loss is the mean over the same 6 steps however they were grouped into calls.
-  assert [r["step"] for r in _metrics(multi)] == [6]
-  np.testing.assert_allclose(_metrics(multi)[-1]["loss"], _metrics(ref)[-1]["loss"], rtol=1e-6)
-  assert _metrics(multi)[-1]["bn_train_mode"] == 0.5
+  assert [r["step"] for r in stage_logs.records(multi)] == [6]
+  np.testing.assert_allclose(stage_logs.records(multi)[-1]["loss"], stage_logs.records(ref)[-1]["loss"], rtol=1e-6)
+  assert stage_logs.records(multi)[-1]["bn_train_mode"] == 0.5
   # The cache held on the host (one call per step, host-side gather): the same batches through a separately
   # compiled step, so equal up to float rounding.
   _, host = _run_stage(_cached_cfg("h2_host", **{"train.arrays_on_device": False}), wd, "h2_host")
@@ -146,19 +146,21 @@ def test_cached_one_and_eight_devices_agree(seq_run):
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
     assert transformation.run(cfg, d, common.Context(workdir=wd, mesh=sharding.make_mesh(jax.devices()[:n])))
-    out[n] = (_metrics(d)[-1]["loss"], _model(d))
+    assert stage_logs.hparams(d)[0]["devices"] == str(n)  # the mesh was used
+    out[n] = (stage_logs.records(d)[-1]["loss"], _model(d))
   np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[1][1], out[8][1])
 
 
-def test_bn_switch_inside_a_multi_step_call(seq_run):
+def test_bn_switch_inside_a_multi_step_call(seq_run, capsys):
   wd, _ = seq_run
   cfg = _stage_cfg("h3_none", **{"name": "h3_bn_call", "bn_eval_after": 0.25, "train.steps": 4,
                                  "train.log_every_steps": 2, "train.checkpoint_every_steps": 0,
                                  "train.steps_per_call": 2})
   _, d = _run_stage(cfg, wd, "h3_bn_call")
+  assert "up to 2 steps per call" in capsys.readouterr().out
   # Switch at step 1: the first call (steps 0, 1) has one step in train mode, the second none.
-  assert [(r["step"], r["bn_train_mode"]) for r in _metrics(d)] == [(2, 0.5), (4, 0.0)]
+  assert [(r["step"], r["bn_train_mode"]) for r in stage_logs.records(d)] == [(2, 0.5), (4, 0.0)]
 
 
 def test_steps_per_call_needs_device_arrays(seq_run):
@@ -215,7 +217,7 @@ def _vector_cfg(**train):
 def test_device_rows_padded_gather_matches_host(tmp_path):
   # 37 rows: not a multiple of 8 devices (padded shards); 10 steps of 8 cross two epochs.
   runs = {}
-  for name, mesh, train in (("d8", None, {"steps_per_call": 3}), ("d1", jax.devices()[:1], {"steps_per_call": 3}),
+  for name, mesh, train in (("d8", None, {}), ("d1", jax.devices()[:1], {}),
                             ("host", None, {"arrays_on_device": False})):
     mesh = sharding.make_mesh(mesh) if mesh else None
     _, hist = train_lib.train(cfg=_vector_cfg(**train), workdir=str(tmp_path / name), task=_vector_task(37),
@@ -226,10 +228,11 @@ def test_device_rows_padded_gather_matches_host(tmp_path):
   np.testing.assert_allclose(np.asarray(runs["d8"]), np.asarray(runs["d1"]), rtol=1e-6)
 
 
-def test_nan_inside_a_multi_step_call_stops_before_checkpoint(tmp_path):
+def test_nan_inside_a_multi_step_call_stops_before_checkpoint(tmp_path, capsys):
   cfg = _vector_cfg(steps=6, log_every_steps=6, checkpoint_every_steps=3, steps_per_call=4)
   with pytest.raises(NonFiniteError, match="loss is nan at step 6"):  # steps 5, 6 (1-based) are NaN
     train_lib.train(cfg=cfg, workdir=str(tmp_path), task=_vector_task(37, nan_from=4), source=np.arange(37))
+  assert "up to 4 steps per call" in capsys.readouterr().out  # steps 4-6 ran in one call
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [3]
 
 
@@ -266,7 +269,7 @@ def test_bct_influence_through_frozen_old_classifier(seq_run):
   os.makedirs(d, exist_ok=True)
   assert backbone.run(cfg, d, ctx)
   assert loader.stage_fingerprint(old_dir) == before  # the old model is never re-saved
-  hist = _metrics(d)
+  hist = stage_logs.records(d)
   assert all(np.isfinite(r["influence_loss"]) for r in hist)
 
   # The extended classifier keeps the old columns and adds the old model's class means for the new classes.

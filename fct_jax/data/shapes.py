@@ -78,6 +78,12 @@ def render(shape_ids, colour_ids, *, image_size: int = 32, seed: int = 0, batch:
   return out
 
 
+def balanced_pairs(num_examples: int, num_shapes: int) -> np.ndarray:
+  """The (shape, colour) pair ids ``shape · len(COLOURS) + colour`` of a split, cycling through all pairs (before
+  :func:`make_split` shuffles them): the class balance of every split."""
+  return np.arange(num_examples) % (num_shapes * len(COLOURS))
+
+
 @functools.lru_cache(maxsize=8)
 def make_split(split: str, *, num_examples: int, seed: int = 0, image_size: int = 32,
                num_old_shapes: int = 3) -> Dict[str, np.ndarray]:
@@ -96,7 +102,7 @@ def make_split(split: str, *, num_examples: int, seed: int = 0, image_size: int 
   nc = len(COLOURS)
   num_shapes = num_old_shapes if split == "old_train" else len(SHAPES)
   # Balanced classes: cycle through (shape, colour) pairs, then shuffle.
-  pair = rng.permutation(np.arange(num_examples) % (num_shapes * nc))
+  pair = rng.permutation(balanced_pairs(num_examples, num_shapes))
   shape, colour = (pair // nc).astype(np.int32), (pair % nc).astype(np.int32)
   images = render(shape, colour, image_size=image_size, seed=split_seed + 1)
   label = colour if split == "old_train" else shape * nc + colour

@@ -54,7 +54,7 @@ class SplitInfo:
 
 def _shapes_source(cfg, split: str) -> Tuple[ArraySource, SplitInfo]:
   sizes = {"old_train": cfg.num_old_train, "new_train": cfg.num_new_train, "eval": cfg.num_eval}
-  m = _TRAIN_K.match(split)
+  m = TRAIN_K.match(split)
   if m:
     # Update sequences (v1 → v2 → v3): the new_train images of the first K shapes, labelled (shape, colour); the
     # labels are those of new_train, so class ids nest across versions like ImageNet's first-K-classes subsets.
@@ -117,7 +117,8 @@ TFDS_DATASETS: Dict[str, TfdsDataset] = {
     "cifar100": TfdsDataset("cifar100", "train", "test", 100, 50, 32, decode_images=True),
 }
 
-_TRAIN_K = re.compile(r"^train_(\d+)$")
+# A split of the first K classes (shapes: of the first K shapes) of new_train.
+TRAIN_K = re.compile(r"^train_(\d+)$")
 
 
 _REPORTED = set()
@@ -137,7 +138,7 @@ def _tfds_source(name: str, cfg, split: str) -> Tuple[tfds_source.TfdsSource, Sp
   data_dir = cfg.get("data_dir", "") or ""
   mock = int(cfg.get("mock_num_examples", 0) or 0)
   image_size = int(cfg.get("image_size", 0) or spec.image_size)
-  m = _TRAIN_K.match(split)
+  m = TRAIN_K.match(split)
   if split == "eval":
     tfds_split, k = spec.eval_split, None
   elif split in ("old_train", "new_train") or m:

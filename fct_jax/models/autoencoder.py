@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fct_jax.models.heads import l2_normalize, torch_default_init
+from fct_jax.losses import l2_normalize
+from fct_jax.models.heads import torch_default_init
 from fct_jax.models.mobilenet_v2 import ConvBNReLU6, InvertedResidual, conv_init, make_divisible
 
 # (t, c, n, s) like MobileNetV2's table, shortened: the side-information model does not need 17 blocks.

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fct_jax.losses import cosine_logits
+
 # ml-fct builds every layer with PyTorch's default initialisation (kaiming_uniform with a=√5, i.e.
 # U(±1/√fan_in) for weights); this is the same distribution expressed as a Flax initializer.
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -25,10 +27,6 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-  """x / max(‖x‖₂, eps) along ``axis`` (PyTorch's ``F.normalize`` semantics), computed in float32."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 class LinearClassifier(nn.Module):
@@ -73,8 +71,7 @@ class ArcFaceHead(nn.Module):
     """Args: x: [B, D]. Returns: cosines [B, C] float32 in [-1, 1]."""
     # Always float32: cosines near ±1 feed arccos-like terms in the loss, where bf16 rounding is harmful.
     kernel = self.param("kernel", nn.initializers.xavier_normal(), (x.shape[-1], self.num_classes), jnp.float32)
-    cos = jnp.dot(l2_normalize(x, axis=-1), l2_normalize(kernel, axis=0))
-    return jnp.clip(cos, -1.0, 1.0)
+    return cosine_logits(x, kernel)
 
 
 def make_classifier(head: str, num_classes: int, use_bias: bool, dtype: Any, name: str = "classifier"):

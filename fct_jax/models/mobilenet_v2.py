@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fct_jax.models.heads import l2_normalize, make_classifier
+from fct_jax.losses import l2_normalize
+from fct_jax.models.heads import make_classifier
 
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1.
 _BN_EPS = 1e-5

@@ -19,7 +19,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fct_jax.models.heads import l2_normalize, make_classifier, torch_default_init
+from fct_jax.losses import l2_normalize
+from fct_jax.models.heads import make_classifier, torch_default_init
 
 # BatchNorm as in PyTorch: momentum 0.1 there is 0.9 here (Flax weights the *old* statistics), eps 1e-5.
 # No axis_name: batches are global jax.Arrays sharded on the mesh's 'data' axis and the step is one jit, so the

@@ -205,10 +205,6 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
   inf = jnp.float32(jnp.inf)
   count_fn = _count_histogram if method == "histogram" else _count_reduce
 
-  def scores(q, g, g_sq):
-    # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours.
-    return g_sq[None, :] - 2.0 * jnp.dot(q, g.T, precision=lax.Precision.HIGHEST)
-
   def per_device(q, q_cls, q_idx, g, g_sq, table):
     offset = lax.axis_index("data") * n_local
     g = g.reshape(n_chunks, chunk, -1)
@@ -276,14 +272,8 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
 
     return lax.map(one_block, (q, q_cls, q_idx))
 
-  shard_map = getattr(jax, "shard_map", None)
-  if shard_map is None:  # older jax
-    from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
-    kw = dict(check_rep=False)
-  else:
-    kw = dict(check_vma=False)
-  fn = shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data"), P()),
-                 out_specs=(P(), P(), P()), **kw)
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data"), P()),
+                     out_specs=(P(), P(), P()), check_vma=False)
   return jax.jit(fn)
 
 
@@ -347,10 +337,7 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
   n_pad = n_local * n_dev
   progress, per_call, m_pad = plan_calls(m, n, block, progress, on_cpu)
 
-  g_p = np.zeros((n_pad, d), np.float32)
-  g_p[:n] = g
-  g_sq = np.einsum("nd,nd->n", g_p, g_p, dtype=np.float32)
-  g_sq[n:] = np.inf  # padding rows (all zero) score +inf: ranked after every real item, never counted
+  g_p, g_sq = pad_gallery(g, n_pad)
   q_p = np.zeros((m_pad, d), np.float32)
   q_p[:m] = q
   q_cls_p = np.full((m_pad,), table.shape[0] - 1, np.int32)  # padding queries: the empty class row
@@ -369,6 +356,23 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
       (put(g_p, shard), put(g_sq, shard), put(table, rep)), mesh=mesh, per_call=per_call, rows=m,
       progress=progress)
   return RankStats(num_pos=num_pos, first_rank=first_rank, ap=ap)
+
+
+def scores(q, g, g_sq):
+  """``s = |g|² − 2 q·g`` (B, C): the squared L2 distance minus the row-constant ``|q|²``, the ranking score of
+  this kernel and of `topk`."""
+  # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours.
+  return g_sq[None, :] - 2.0 * jnp.dot(q, g.T, precision=lax.Precision.HIGHEST)
+
+
+def pad_gallery(g: np.ndarray, rows: int):
+  """``(g_p, g_sq)``: the gallery zero-padded to ``rows`` and its squared norms, +inf for the padding rows, so
+  that a padding row scores +inf (`scores`): ranked after every real item, never counted."""
+  g_p = np.zeros((rows, g.shape[1]), np.float32)
+  g_p[:len(g)] = g
+  g_sq = np.einsum("nd,nd->n", g_p, g_p, dtype=np.float32)
+  g_sq[len(g):] = np.inf
+  return g_p, g_sq
 
 
 def put(x: np.ndarray, sharding) -> jax.Array:

@@ -25,14 +25,6 @@ from jax.sharding import PartitionSpec as P
 from fct_jax.retrieval import kernel
 
 
-def _shard_map(fn, mesh, in_specs, out_specs):
-  shard_map = getattr(jax, "shard_map", None)
-  if shard_map is None:  # older jax
-    from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
-  return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
 # Scores per group in the two-stage selection (see `_local_topk`).
 _GROUP = 16
 
@@ -68,10 +60,8 @@ def _build(mesh: Mesh, *, n_local: int, k: int, block: int, group: int):
     offset = lax.axis_index("data") * n_local
 
     def one_block(qb):
-      # HIGHEST: TF32/bf16 matmul passes on accelerators would reorder neighbours. Padding rows have |g|² = +inf
-      # (set on the host), so they never rank ahead of a real item.
-      s = g_sq[None, :] - 2.0 * jnp.dot(qb, g.T, precision=lax.Precision.HIGHEST)
-      val, pos = _local_topk(s, k_local, group)
+      # Padding rows have |g|² = +inf (kernel.pad_gallery), so they never rank ahead of a real item.
+      val, pos = _local_topk(kernel.scores(qb, g, g_sq), k_local, group)
       cand_s = lax.all_gather(val, "data", axis=1, tiled=True)  # [B, n_dev * k_local], device-major
       cand_i = lax.all_gather(offset + pos, "data", axis=1, tiled=True)
       neg, j = lax.top_k(-cand_s, k)
@@ -81,7 +71,8 @@ def _build(mesh: Mesh, *, n_local: int, k: int, block: int, group: int):
 
     return lax.map(one_block, q)
 
-  fn = _shard_map(per_device, mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()),
+                     check_vma=False)
   return jax.jit(fn)
 
 
@@ -102,7 +93,7 @@ def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int
     ``(indices [M, k] int32, distances [M, k] float32)``: gallery row indices, nearest first (ties: lower index
     first), and their Euclidean distances.
   """
-  mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = mesh or kernel.default_mesh()
   q = np.asarray(queries, np.float32)
   g = np.asarray(gallery, np.float32)
   m, d = q.shape
@@ -118,10 +109,7 @@ def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int
   on_cpu = mesh.devices.flat[0].platform == "cpu"
   group = _GROUP if on_cpu and n_local >= 4 * k * _GROUP else 1
   n_local = -(-n_local // group) * group
-  g_p = np.zeros((n_local * n_dev, d), np.float32)
-  g_p[:n] = g
-  g_sq = np.einsum("nd,nd->n", g_p, g_p, dtype=np.float32)
-  g_sq[n:] = np.inf  # padding rows: never ahead of a real item
+  g_p, g_sq = kernel.pad_gallery(g, n_local * n_dev)
   block = max(1, min(query_block, m))
   progress, per_call, m_pad = kernel.plan_calls(m, n, block, progress, on_cpu)
   q_p = np.zeros((m_pad, d), np.float32)

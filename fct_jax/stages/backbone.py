@@ -27,13 +27,10 @@ the head uses it: cosines between the L2-normalised new embedding and the L2-nor
 only their direction matters). For a softmax old model nothing changes: logits φ_new · W, cross-entropy.
 """
 
-import os
-
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from fct_jax import checkpoint, losses, retrieval, train_lib
+from fct_jax import losses, retrieval, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common
@@ -78,7 +75,7 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
   """
   check_head_matches_loss(cfg)
   spec = loss_spec(cfg)
-  old_spec = dict(old_loss or {"kind": "softmax", "scale": 64.0, "margin": 0.5})
+  old_spec = old_loss or loss_spec({})
   ls = float(cfg.loss.get("label_smoothing", 0.0))
   bct_weight = float(cfg.get("bct", {}).get("weight", 1.0)) if old_classifier is not None else 0.0
 
@@ -158,8 +155,7 @@ def bct_old_classifier(cfg, ctx: common.Context, source, num_classes: int, embed
 
 def bct_old_loss(cfg, ctx: common.Context) -> dict:
   """The :func:`loss_spec` the old stage ``cfg.bct.old`` was trained with (from its saved config)."""
-  d = common.upstream_dir(ctx, cfg.bct.old, cfg.name)
-  return loss_spec(ml_collections.ConfigDict(checkpoint.read_json(os.path.join(d, "config.json"))))
+  return loss_spec(common.stage_config(ctx, cfg.bct.old, cfg.name))
 
 
 def run(cfg, stage_dir: str, ctx: common.Context):

@@ -42,11 +42,16 @@ def upstream_dir(ctx: Context, stage: str, needed_by: str) -> str:
   return d
 
 
+def stage_config(ctx: Context, stage: str, needed_by: str) -> ml_collections.ConfigDict:
+  """The saved config of a finished stage (no checkpoint is loaded)."""
+  d = upstream_dir(ctx, stage, needed_by)
+  return ml_collections.ConfigDict(checkpoint.read_json(os.path.join(d, "config.json")))
+
+
 def load_stage(ctx: Context, stage: str, needed_by: str):
   """Loads a finished stage: ``(config, variables)`` with the config it was built with."""
-  d = upstream_dir(ctx, stage, needed_by)
-  cfg = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(d, "config.json")))
-  return cfg, checkpoint.load_model(d)
+  cfg = stage_config(ctx, stage, needed_by)  # also checks that the stage is finished
+  return cfg, checkpoint.load_model(os.path.join(ctx.workdir, stage))
 
 
 def load_backbone(ctx: Context, stage: str, needed_by: str):

@@ -27,7 +27,6 @@ otherwise the stage stops with a one-line error before training.
 
 import dataclasses
 import io
-import os
 import time
 from typing import Any, Callable, Dict
 
@@ -89,10 +88,11 @@ class Frozen:
   target_kind: str
 
 
-def target_kind(cfg, ctx) -> str:
-  """``"backbone"`` when ``cfg.new`` is φ_new (h), ``"side_info"`` when it is ψ_{i+1} (g)."""
-  d = common.upstream_dir(ctx, cfg.new, cfg.name)
-  kind = checkpoint.read_json(os.path.join(d, "config.json")).get("kind")
+def target_kind(cfg, ctx, new_config=None) -> str:
+  """``"backbone"`` when ``cfg.new`` is φ_new (h), ``"side_info"`` when it is ψ_{i+1} (g); ``new_config``: that
+  stage's saved config when the caller has it already."""
+  new_config = new_config or common.stage_config(ctx, cfg.new, cfg.name)
+  kind = new_config.get("kind")
   if kind not in ("backbone", "side_info"):
     raise FCTError(f"stage {cfg.name!r}: target {cfg.new!r} must be a backbone (h) or side_info (g) stage, not "
                    f"{kind!r}")
@@ -287,7 +287,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     # a schedule in epochs means the same number of steps in both modes.
     train_source = sources.ArraySource({"index": np.arange(len(source))})
     batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
-    task_kw = dict(frozen=None, keys=FEATURE_KEYS, transform=lambda ex, rng: ex, arrays=feats,
+    task_kw = dict(frozen=None, transform=lambda ex, rng: ex, arrays=feats,
                    indices=cached_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
   else:
     train_source = source
@@ -306,11 +306,12 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   return common.train_and_save(cfg, stage_dir, ctx, task, train_source)
 
 
-def upstream_width(ctx, stage: str, needed_by: str) -> int:
+def upstream_width(ctx, stage: str, needed_by: str, config=None) -> int:
   """The embedding width of a finished backbone or side_info stage, read from its saved ``config.json`` (no
-  checkpoint is loaded): ``model.embedding_dim``, the width of φ and of ψ."""
-  d = common.upstream_dir(ctx, stage, needed_by)
-  model = checkpoint.read_json(os.path.join(d, "config.json")).get("model", {})
+  checkpoint is loaded; ``config``: that config when the caller has it already): ``model.embedding_dim``, the
+  width of φ and of ψ."""
+  config = config or common.stage_config(ctx, stage, needed_by)
+  model = config.get("model", {})
   if "embedding_dim" not in model:
     raise FCTError(f"stage {needed_by!r}: the config of stage {stage!r} has no model.embedding_dim (its width)")
   return int(model["embedding_dim"])
@@ -328,8 +329,9 @@ def load_h(ctx, stage: str, needed_by: str):
   if cfg.kind != "transformation":
     raise FCTError(f"stage {needed_by!r} expects {stage!r} to be a transformation stage, not {cfg.kind!r}")
   side = load_side_info(cfg, ctx)
-  target_kind(cfg, ctx)  # a backbone or side_info target, else a one-line error
-  dims = {"old": upstream_width(ctx, cfg.old, stage), "new": upstream_width(ctx, cfg.new, stage)}
+  new_config = common.stage_config(ctx, cfg.new, stage)
+  target_kind(cfg, ctx, new_config)  # a backbone or side_info target, else a one-line error
+  dims = {"old": upstream_width(ctx, cfg.old, stage), "new": upstream_width(ctx, cfg.new, stage, new_config)}
   side_dim = int(cfg.side_info.dim)
   h = build_h(cfg, dims["old"], dims["new"])
   _check_h_variables(h, variables, dims, side_dim, stage, needed_by)
