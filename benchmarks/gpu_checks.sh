@@ -1,21 +1,48 @@
 #!/usr/bin/env bash
 # All GPU checks in one call on a lent GPU machine (no TensorFlow/grain/ml_collections/clu there: install the
-# wheels that ../shared/device/fetch_wheels.sh put in .whl first). Writes JSON results into $OUT.
-#   bash benchmarks/gpu_checks.sh
+# wheels that ../shared/device/fetch_wheels.sh put in .whl first). Writes JSON results and a log into $OUT.
+#   bash benchmarks/gpu_checks.sh            # everything
+#   CHECKS="retrieval train" bash benchmarks/gpu_checks.sh   # a subset of: variants retrieval train train_variants
+#                                                            # upgrade demo
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
+CHECKS=${CHECKS:-"variants retrieval train"}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-echo "== retrieval (N=50k, d=128) =="
-timeout 150 python3 benchmarks/retrieval_bench.py --gpu --both-methods --out "$OUT/retrieval_gpu.json" 2>&1 | tail -25
-echo "== upgrade =="
-timeout 120 python3 benchmarks/upgrade_bench.py --gpu --out "$OUT/upgrade_gpu.json" 2>&1 | tail -15
-echo "== ResNet-50 train step vs torch =="
-timeout 220 python3 benchmarks/train_step_bench.py --torch --out "$OUT/train_step_gpu.json" 2>&1 | tail -15
-echo "== demo old stage (full size) on the GPU =="
-timeout 100 python3 -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/demo_gpu 2>&1 | tail -4
+want() { [[ " $CHECKS " == *" $1 "* ]]; }
+{
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
+if want variants; then
+  echo "== retrieval kernel variants (N=50k, d=128) =="
+  timeout 240 python3 benchmarks/retrieval_variants.py --hlo_dir "$OUT" --out "$OUT/retrieval_variants.json" \
+    --variants "${VARIANTS:-reduce:0,reduce:256,reduce:4096,reduce_pairs:0,reduce_pairs:256,broadcast:0,histogram:0}"
+fi
+if want retrieval; then
+  echo "== retrieval vs torch (N=50k, d=128) =="
+  timeout 150 python3 benchmarks/retrieval_bench.py --gpu --both-methods --out "$OUT/retrieval_gpu.json"
+fi
+if want train; then
+  echo "== ResNet-50 train step vs torch =="
+  timeout 200 python3 benchmarks/train_step_bench.py --torch --profile 5 ${TRAIN_ARGS:-} --out "$OUT/train_step_gpu.json"
+fi
+if want train_variants; then  # the JAX step alone with other options: TRAIN_VARIANTS="--a 1;--b 2" (";"-separated)
+  IFS=';' read -ra variants <<< "${TRAIN_VARIANTS:-}"
+  for i in "${!variants[@]}"; do
+    echo "== ResNet-50 train step, variant $i: ${variants[$i]} =="
+    timeout 120 python3 benchmarks/train_step_bench.py ${variants[$i]} --out "$OUT/train_step_variant$i.json"
+  done
+fi
+if want upgrade; then
+  echo "== upgrade =="
+  timeout 120 python3 benchmarks/upgrade_bench.py --gpu --out "$OUT/upgrade_gpu.json"
+fi
+if want demo; then
+  echo "== demo old stage (full size) on the GPU =="
+  timeout 100 python3 -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/demo_gpu | tail -4
+fi
+} 2>&1 | tee "$OUT/gpu_checks.log"

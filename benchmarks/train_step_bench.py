@@ -52,6 +52,9 @@ def _parse():
   p.add_argument("--steps", type=int, default=50, help="timed steps")
   p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotuning)")
   p.add_argument("--repeats", type=int, default=3, help="timed windows; the best is reported")
+  p.add_argument("--batch_norm", default="", help="ResNet BatchNorm: fct or flax (default: the model's, fct)")
+  p.add_argument("--profile", type=int, default=0,
+                 help="trace this many more JAX steps with jax.profiler and print the device time per op")
   p.add_argument("--torch", action="store_true", help="also time the same step in PyTorch (eager, autocast)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   return p.parse_args()
@@ -61,7 +64,9 @@ def _parse():
 
 def bench_jax(args):
   dtype = jnp.dtype(args.dtype)
-  model = get_model(args.model, num_classes=args.num_classes, embedding_dim=args.embedding_dim or None, dtype=dtype)
+  extra = {"batch_norm": args.batch_norm} if args.batch_norm else {}
+  model = get_model(args.model, num_classes=args.num_classes, embedding_dim=args.embedding_dim or None, dtype=dtype,
+                    **extra)
   tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
 
   @jax.jit
@@ -104,9 +109,51 @@ def bench_jax(args):
   if not np.isfinite(float(loss)):
     print(f"WARNING: JAX loss is {float(loss)} (timings are still valid)")
   dev = jax.devices()[0]
-  return {"images_per_s": args.batch * args.steps / best, "step_ms": 1e3 * best / args.steps,
+  profile = {}
+  if args.profile:
+    def steps():
+      nonlocal state, loss
+      for _ in range(args.profile):
+        state, loss = step(state, images, labels)
+      jax.block_until_ready((state, loss))
+    profile = device_profile(steps, args.profile)
+  return {"profile": profile, "images_per_s": args.batch * args.steps / best, "step_ms": 1e3 * best / args.steps,
           "warmup_s": warmup_s, "final_loss": float(loss), "num_params": int(num_params),
           "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "jax": jax.__version__}
+
+
+def device_profile(run, steps, top=25):
+  """Traces run() with jax.profiler and sums the device events per name, per line of each device plane (on GPUs
+  the "XLA Ops" line names the HLO fusions/convolutions). Prints the top ones; returns {line: {name: ms/step}}."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+  path = tempfile.mkdtemp(prefix="fct_profile_")
+  with jax.profiler.trace(path):
+    run()
+  result = {}
+  files = glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True)
+  try:
+    profiles = [ProfileData.from_file(f) for f in files]
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"profile: could not read the trace in {path} ({type(e).__name__}: {e})")
+    return {"error": str(e)}
+  for plane in (plane for p in profiles for plane in p.planes):
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      tot = collections.Counter()
+      for ev in line.events:
+        tot[ev.name] += ev.duration_ns / 1e6 / steps
+      if not tot:
+        continue
+      key = f"{plane.name} | {line.name}"
+      result[key] = dict(tot.most_common())
+      print(f"-- {key}: {sum(tot.values()):.2f} ms/step over {len(tot)} names; top {top}:")
+      for name, ms in tot.most_common(top):
+        print(f"   {ms:8.3f} ms  {name[:110]}")
+  return result
 
 
 # --- torch ----------------------------------------------------------------------------------------------------------

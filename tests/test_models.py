@@ -246,6 +246,66 @@ def test_batchnorm_train_and_eval_modes():
   np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * conv1.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_fct_batchnorm_is_flax_batchnorm_with_a_closed_form_gradient(training):
+  """Same variables, outputs, running statistics and (float32) gradients as flax.linen.BatchNorm."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fct_jax.models.batch_norm import BatchNorm  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (4, 6, 5, 7)) * 3 + 1
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  variables = {"params": {"scale": jnp.linspace(0.5, 2, 7), "bias": jnp.linspace(-1, 1, 7)},
+               "batch_stats": {"mean": jnp.linspace(-0.2, 0.2, 7), "var": jnp.linspace(0.5, 1.5, 7)}}
+
+  def run(module):
+    assert jax.tree_util.tree_structure(module.init(jax.random.key(2), x)) == jax.tree_util.tree_structure(variables)
+
+    def loss(params, x):
+      y, new = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+      return (y * w).sum(), (y, new["batch_stats"])
+    (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+    return y, stats, grads
+
+  kw = dict(use_running_average=not training, momentum=0.9, epsilon=1e-5)
+  ours, ref = run(BatchNorm(**kw)), run(nn.BatchNorm(**kw))
+  for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  if training:  # the statistics moved, and the input gradient is not the trivial dy·scale·rstd of eval mode
+    assert not np.allclose(ours[1]["mean"], variables["batch_stats"]["mean"])
+
+
+def test_fct_batchnorm_bfloat16_gradient_is_rounded_once():
+  """In bf16 the closed-form gradient (float32, one rounding) is at least as close to a float32 reference as
+  Flax's autodiff gradient, which rounds its mean and variance paths to bf16 separately."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fct_jax.models.batch_norm import BatchNorm  # pylint: disable=g-import-not-at-top
+  x = (jax.random.normal(jax.random.key(0), (4, 8, 16, 32)) * 3 + 1).astype(jnp.bfloat16)
+  w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
+
+  def grad(module, x):
+    v = module.init(jax.random.key(1), x)
+    return jax.grad(lambda x: (module.apply(v, x, mutable=["batch_stats"])[0].astype(jnp.float32) * w).sum())(x)
+
+  ref = grad(nn.BatchNorm(use_running_average=False, dtype=jnp.float32), x.astype(jnp.float32))
+  err = {name: float(jnp.linalg.norm(grad(m, x).astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+         for name, m in (("fct", BatchNorm(use_running_average=False, dtype=jnp.bfloat16)),
+                         ("flax", nn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)))}
+  assert err["fct"] <= err["flax"] < 1e-2, err
+
+
+def test_resnet_batch_norm_choice():
+  """batch_norm="fct" (default) and "flax" are the same network: same variables, same train-step loss."""
+  x = _images(seed=5)
+  models = {bn: get_model("resnet18", num_classes=NUM_CLASSES, embedding_dim=EMB, batch_norm=bn, **TINY["resnet18"])
+            for bn in ("fct", "flax")}
+  variables = models["flax"].init(jax.random.key(0), x)
+  assert (jax.tree_util.tree_structure(models["fct"].init(jax.random.key(0), x))
+          == jax.tree_util.tree_structure(variables))
+  outs = {bn: m.apply(variables, x, train=True, mutable=["batch_stats"])[0]["logits"] for bn, m in models.items()}
+  np.testing.assert_allclose(outs["fct"], outs["flax"], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown batch_norm 'sync'"):
+    get_model("resnet18", num_classes=2, batch_norm="sync", **TINY["resnet18"]).init(jax.random.key(0), x)
+
+
 def test_batchnorm_statistics_are_global_when_sharded():
   """Train-mode outputs on a batch sharded over 8 devices equal the single-device ones: BN reduces globally."""
   _, variables = _init("resnet18")

@@ -41,7 +41,7 @@ def _assert_same(stats, ref):
   np.testing.assert_allclose(stats.ap, ref.ap, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["histogram", "reduce"])
+@pytest.mark.parametrize("method", ["histogram", "reduce", "reduce_pairs"])
 @pytest.mark.parametrize("devices,chunk", [(1, None), (1, 24), (8, None), (8, 8)])
 def test_ties_duplicates_singletons_match_brute_force(method, devices, chunk):
   mesh = MESH1 if devices == 1 else _mesh8()
@@ -77,7 +77,7 @@ def test_query_not_gallery_float_data_and_missing_classes():
   g = rng.standard_normal((73, 6)).astype(np.float32) * 2 + 0.5  # e.g. h(φ_old, ψ) gallery
   ql, gl = rng.integers(0, 9, 41), rng.integers(0, 7, 73)  # query classes 7, 8 have no gallery item
   ref = metrics.brute_force_stats(q, g, ql, gl)
-  for method in ("histogram", "reduce"):
+  for method in ("histogram", "reduce", "reduce_pairs"):
     got = kernel.rank_stats(q, g, ql, gl, mesh=MESH1, count_method=method, query_block=16)
     _assert_same(got, ref)
   r = retrieval.evaluate(q, g, ql, gl, mesh=MESH1, query_block=16)

@@ -47,6 +47,8 @@ def validate_inputs(queries, gallery, query_labels, gallery_labels, *, query_is_
     if not np.array_equal(np.asarray(query_labels), np.asarray(gallery_labels)):
       raise ValueError("query_is_gallery=True but query_labels differ from gallery_labels")
   for name, x in (("queries", queries), ("gallery", gallery)):
+    if name == "gallery" and gallery is queries:  # one array on both sides: checked once
+      break
     a = np.asarray(x)
     if not np.issubdtype(a.dtype, np.number) and a.dtype.kind != "V":
       raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
@@ -91,7 +93,8 @@ def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery
     mesh: a jax Mesh with a ``data`` axis over which the gallery is sharded; default: all devices.
     query_block: queries per block (default: by platform); memory is O(query_block × gallery chunk).
     gallery_chunk: gallery items per chunk on one device; default: automatic (see `kernel.rank_stats`).
-    count_method: "auto", "histogram" or "reduce" (same results; speed differs by platform).
+    count_method: "auto", "reduce_pairs", "reduce" or "histogram" (same results; speed differs, see
+      `kernel`).
     progress: print queries/s and ETA while it runs; None (default): only for long jobs (see `kernel.rank_stats`).
 
   Returns:
