@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fct_jax import checkpoint, sharding
+from fct_jax import checkpoint, sharding, train_lib
 from fct_jax.errors import FCTError
 from fct_jax.stages import STAGE_KINDS, backbone, transformation
 from fct_jax.stages.common import Context
@@ -105,6 +105,10 @@ def _validate_stages(todo):
     if scfg.get("kind") not in STAGE_KINDS:
       raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
     backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
+    if "train" in scfg:
+      device_arrays = (scfg.kind == "transformation" and transformation.feature_mode(scfg) == "cached"
+                       and bool(scfg.train.get("arrays_on_device", True)))
+      train_lib.check_steps_per_call(name, scfg.train, device_arrays)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_step: Optional[int] = None):

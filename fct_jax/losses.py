@@ -175,6 +175,17 @@ def bct_extend_classifier(*, old_classifier, feature_sums, counts):
 LOSS_KINDS = ("softmax", "arcface")
 
 
+def classification_loss(*, logits, labels, kind: str = "softmax", label_smoothing: float = 0.0, scale: float = 64.0,
+                        margin: float = 0.5):
+  """The classifier loss of a stage: ``kind="softmax"``, cross-entropy of ``logits``; ``kind="arcface"``, the
+  ArcFace loss of ``logits`` read as cosines (an ArcFace head) with ``scale`` s and ``margin`` m."""
+  if kind not in LOSS_KINDS:
+    raise ValueError(f"unknown classification loss kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
+  if kind == "arcface":
+    return arcface_loss(cosine=logits, labels=labels, scale=scale, margin=margin, label_smoothing=label_smoothing)
+  return softmax_cross_entropy(logits=logits, labels=labels, label_smoothing=label_smoothing)
+
+
 def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing: float = 0.0,
                        kind: str = "softmax", scale: float = 64.0, margin: float = 0.5):
   """BCT's influence loss: the old model's own classification loss of the new embedding through its frozen classifier.
@@ -201,11 +212,10 @@ def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing
     raise ValueError(f"unknown BCT influence loss kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
   emb = new_embedding.astype(jnp.float32)
   w = jax.lax.stop_gradient(old_classifier).astype(jnp.float32)
-  if kind == "arcface":
-    # The ArcFaceHead's cosines; a zero column (a new class without examples) gives cosine 0.
-    return arcface_loss(cosine=cosine_logits(emb, w), labels=labels, scale=scale, margin=margin,
-                        label_smoothing=label_smoothing)
-  return softmax_cross_entropy(logits=jnp.dot(emb, w), labels=labels, label_smoothing=label_smoothing)
+  # arcface: the ArcFaceHead's cosines; a zero column (a new class without examples) gives cosine 0.
+  logits = cosine_logits(emb, w) if kind == "arcface" else jnp.dot(emb, w)
+  return classification_loss(logits=logits, labels=labels, kind=kind, label_smoothing=label_smoothing, scale=scale,
+                             margin=margin)
 
 
 def mixup_with(*, images, labels, num_classes: int, lam, perm, mix_labels: bool = False):

@@ -245,6 +245,16 @@ def _finish_saves(mngr):
     mngr.wait_until_finished()
 
 
+def check_steps_per_call(stage: str, tc, device_arrays: bool) -> int:
+  """``train.steps_per_call`` (0 when unset); more than 1 needs the device-resident arrays path (the
+  transformation's cached features with ``train.arrays_on_device``), else a one-line FCTError."""
+  per_call = int(tc.get("steps_per_call", 0) or 0)
+  if per_call > 1 and not device_arrays:
+    raise FCTError(f"stage {stage!r}: train.steps_per_call={per_call} needs the device-resident arrays path "
+                   "(the transformation's cached features with train.arrays_on_device); set it to 1")
+  return per_call
+
+
 def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Optional[int] = None):
   """Trains ``task`` on ``source`` with the stage config ``cfg``; checkpoints into ``workdir``.
 
@@ -273,10 +283,7 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
   prefix = f"[{task.name}] "
   use_arrays = task.arrays is not None
   on_device = use_arrays and bool(tc.get("arrays_on_device", True))
-  per_call = int(tc.get("steps_per_call", 0) or 0)
-  if per_call > 1 and not on_device:
-    raise FCTError(f"stage {task.name!r}: train.steps_per_call={per_call} needs the device-resident arrays path "
-                   "(the transformation's cached features with train.arrays_on_device); set it to 1")
+  per_call = check_steps_per_call(task.name, tc, on_device)
   per_call = min(per_call or DEFAULT_STEPS_PER_CALL, total) if on_device else 1
 
   def host_arrays_batches(start):

@@ -91,3 +91,25 @@ def test_main_flag(tmp_path):
                      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
   assert p.returncode == 0, p.stderr[-2000:]
   assert "640,542 examples" in p.stdout and "62,500 steps" in p.stdout and not wd.exists()
+
+
+@pytest.mark.parametrize("stage,changes", [("old", {}), ("transformation", {"feature_mode": "online"}),
+                                           ("transformation", {"train.arrays_on_device": False})])
+def test_steps_per_call_without_device_arrays_is_refused_up_front(stage, changes, tmp_path, no_data):
+  """train.steps_per_call > 1 only works on the cached transformation's device arrays: refused by the plan check,
+  before any stage runs or the workdir is created (not after a feature-caching pass)."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("runlocal")
+  scfg = config.stages[stage]
+  scfg.train.steps_per_call = 4
+  for key, value in changes.items():
+    target, leaf = (scfg.train, key.split(".")[1]) if key.startswith("train.") else (scfg, key)
+    target[leaf] = value
+  wd = tmp_path / "wd"
+  for fn in (experiment.dry_run, experiment.run):
+    with pytest.raises(experiment.FCTError, match=f"stage '{stage}': train.steps_per_call=4 needs the device"):
+      fn(config, str(wd))
+  assert not wd.exists()
+  ok = demo.get_config("runlocal")
+  ok.stages.transformation.train.steps_per_call = 4  # the cached transformation on device arrays: accepted
+  assert [r["state"] for r in experiment.dry_run(ok, str(wd))] == ["to run"] * len(ok.plan)

@@ -200,3 +200,17 @@ def test_mixup_random_is_a_convex_pairing():
   partner = np.where(moved, np.argmax(t - np.diag(diag), axis=-1), np.arange(8))
   assert sorted(partner.tolist()) == list(range(8))
   np.testing.assert_allclose(x[:, 0, 0, 0], lam * np.arange(8) + (1 - lam) * partner, rtol=1e-5, atol=1e-5)
+
+
+def test_classification_loss_dispatches_on_kind():
+  rng = np.random.default_rng(3)
+  cosine = jnp.asarray(np.clip(rng.standard_normal((6, 4)) * 0.4, -1, 1), jnp.float32)
+  labels = jnp.array([0, 1, 2, 3, 0, 1])
+  np.testing.assert_allclose(
+      losses.classification_loss(logits=cosine, labels=labels, label_smoothing=0.1),
+      losses.softmax_cross_entropy(logits=cosine, labels=labels, label_smoothing=0.1), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.classification_loss(logits=cosine, labels=labels, kind="arcface", scale=30.0, margin=0.3),
+      losses.arcface_loss(cosine=cosine, labels=labels, scale=30.0, margin=0.3), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown classification loss kind 'triplet'"):
+    losses.classification_loss(logits=cosine, labels=labels, kind="triplet")

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 
 from fct_jax import sharding, writers
-from fct_jax.errors import FCTError
 from fct_jax.gallery import loader
 from fct_jax.gallery import store as store_lib
 

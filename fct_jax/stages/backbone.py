@@ -86,18 +86,13 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
     del rng, step
     out, updates = model.apply({"params": params, **model_state}, batch["image"], train=True,
                                mutable=["batch_stats"])
-    if spec["kind"] == "arcface":
-      l = losses.arcface_loss(cosine=out["logits"], labels=batch["label"], scale=spec["scale"],
-                              margin=spec["margin"], label_smoothing=ls)
-    else:
-      l = losses.softmax_cross_entropy(logits=out["logits"], labels=batch["label"], label_smoothing=ls)
+    l = losses.classification_loss(logits=out["logits"], labels=batch["label"], label_smoothing=ls, **spec)
     acc = jnp.mean(jnp.argmax(out["logits"], -1) == batch["label"])
     metrics = {"train_accuracy": acc}
     if old_classifier is not None:
       # Label smoothing as for the new classifier; the loss is the old model's own (see the module docstring).
       influence = losses.bct_influence_loss(new_embedding=out["embedding"], old_classifier=frozen["old_classifier"],
-                                            labels=batch["label"], label_smoothing=ls, kind=old_spec["kind"],
-                                            scale=old_spec["scale"], margin=old_spec["margin"])
+                                            labels=batch["label"], label_smoothing=ls, **old_spec)
       metrics["ce_loss"], metrics["influence_loss"] = l, influence
       l = l + bct_weight * influence
     return l, (metrics, dict(updates))

@@ -214,8 +214,7 @@ def mixup_task(cfg, model, num_classes: int, evaluate=None) -> train_lib.Task:
     out, updates = model.apply({"params": params, **model_state}, images, train=True, mutable=["batch_stats"])
     acc = jnp.mean(jnp.argmax(out["logits"], -1) == batch["label"])
     if spec["kind"] == "arcface":
-      l = losses.arcface_loss(cosine=out["logits"], labels=batch["label"], scale=spec["scale"],
-                              margin=spec["margin"], label_smoothing=ls)
+      l = losses.classification_loss(logits=out["logits"], labels=batch["label"], label_smoothing=ls, **spec)
     else:
       l = losses.soft_cross_entropy(logits=out["logits"], targets=targets)
     return l, ({"train_accuracy": acc}, dict(updates))
