@@ -27,8 +27,8 @@ source (random uint8 images at the input size: no JPEG decode, which would only 
    small batch (``load_frozen`` from the stage dirs, ``make_loss``, ``train_lib.train``; online: the example path,
    one jitted step per call; cached: the caching pass ``train_lib.predict`` over K views, then the device-resident
    arrays path, ``steps_per_call`` steps per call); steady seconds per step from each stage's metrics log;
-2. the same jitted functions (``train_lib._make_train_step`` of each stage's captured task, inside
-   ``_make_multi_step`` / ``_gather_rows`` for cached, with the loop's shardings), plus the frozen forward the
+2. the same jitted functions (``train_lib.make_train_step`` of each stage's captured task, inside
+   ``make_multi_step`` / ``gather_rows`` for cached, with the loop's shardings), plus the frozen forward the
    caching pass runs and a cached call at the plan's batch (1024, on random feature rows), are timed back to back
    in rounds, so that each round's ratio sees the same load on a shared machine (the headline ratio: the median).
 
@@ -166,20 +166,14 @@ def _capture_tasks(into):
 
 
 def _real_step(cfg, task, num_examples, batch):
-  """``(train_step, init_state)``: the training loop's own step (``train_lib._make_train_step``: loss, backward,
-  optimizer update) for ``task`` with ``cfg``'s optimizer and schedule, and its state initialiser on a batch shaped
-  like ``batch`` (as ``train_lib.train`` builds them)."""
+  """``(train_step, init_state, impl)``: the training loop's own step (``train_lib.make_train_step``: loss,
+  backward, optimizer update) for ``task`` with ``cfg``'s optimizer and schedule, and its state initialiser
+  (``train_lib.make_state_init``) on a batch shaped like ``batch``, as ``train_lib.train`` builds them."""
   steps_per_epoch, total = train_lib.steps_for(cfg.train, num_examples)
   tx, _ = optim.make_optimizer(cfg.train.optimizer, total, steps_per_epoch)
   impl = cfg.get("prng_impl", "rbg")
-
-  def init_state(rng):
-    variables = dict(task.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch)))
-    params = variables.pop("params")
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": variables,
-            "opt_state": tx.init(params)}
-
-  step = train_lib._make_train_step(task, tx, int(cfg.seed), impl)  # pylint: disable=protected-access
+  step = train_lib.make_train_step(task, tx, int(cfg.seed), impl)
+  init_state = train_lib.make_state_init(task, tx, batch)
   repl = sharding.replicated(sharding.make_mesh())
   return step, lambda: jax.jit(init_state, out_shardings=repl)(train_lib.prng_key(int(cfg.seed) + 7, impl)), impl
 
@@ -217,9 +211,9 @@ def _interleaved(cfgs, tasks, base, ctx, b, views, per_call, paper_batch, paper_
   """Rounds of, back to back: one online step, the frozen forward on one batch (what the caching pass computes per
   batch of views), one cached call of ``per_call`` steps, and (``paper_batch`` > 0) one cached call at that batch.
 
-  The jitted functions are the ones ``train_lib.train`` runs: ``_make_train_step`` of each stage's captured task
-  (online: the example path's step, one per call; cached: inside ``_make_multi_step`` with ``_gather_rows`` over
-  the device-resident rows from ``_sharded_rows``). Only the driver is ours (no host pipeline: the online batch is
+  The jitted functions are the ones ``train_lib.train`` runs: ``make_train_step`` of each stage's captured task
+  (online: the example path's step, one per call; cached: inside ``make_multi_step`` with ``gather_rows`` over
+  the device-resident rows from ``shard_rows``). Only the driver is ours (no host pipeline: the online batch is
   random augmented-image-shaped data). A shared machine's load drifts over minutes; ratios taken within a round
   see the same load. Also returns each step's XLA FLOPs.
   """
@@ -239,8 +233,8 @@ def _interleaved(cfgs, tasks, base, ctx, b, views, per_call, paper_batch, paper_
   def cached_setup(batch, rows_task):
     vec = {k: jax.ShapeDtypeStruct((batch,) + np.shape(v)[1:], jnp.float32) for k, v in rows_task.arrays.items()}
     step, init, _ = _real_step(cfgs["cached"], rows_task, ca_n, vec)
-    arrays = train_lib._sharded_rows(rows_task.arrays, mesh)  # pylint: disable=protected-access
-    call = jax.jit(train_lib._make_multi_step(step, train_lib._gather_rows(mesh)),  # pylint: disable=protected-access
+    arrays = train_lib.shard_rows(rows_task.arrays, mesh)
+    call = jax.jit(train_lib.make_multi_step(step, train_lib.gather_rows(mesh)),
                    in_shardings=(repl, None, jax.tree.map(lambda _: data_sh, arrays), repl, repl),
                    out_shardings=(repl, repl), donate_argnums=(0,))
     return step, init, call, arrays, vec

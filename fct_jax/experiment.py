@@ -21,7 +21,7 @@ from etils import epath
 
 from fct_jax import checkpoint, sharding, train_lib
 from fct_jax.errors import FCTError
-from fct_jax.stages import STAGE_KINDS, backbone, transformation
+from fct_jax.stages import STAGE_KINDS, backbone, side_info, transformation
 from fct_jax.stages.common import Context
 
 # Fields that do not change what a stage computes; they may differ between a run and its resume.
@@ -100,11 +100,13 @@ def _check_stage_config(name: str, stage_cfg, stage_dir: str):
 
 
 def _validate_stages(todo):
-  """Checks every stage config that can be checked without the disk: known kind, head and loss consistent."""
+  """Checks every stage config that can be checked without the disk: known kind, head and loss consistent,
+  train.steps_per_call usable."""
   for name, scfg in todo:
     if scfg.get("kind") not in STAGE_KINDS:
       raise FCTError(f"stage {name!r} has unknown kind {scfg.get('kind')!r}; valid: {', '.join(STAGE_KINDS)}")
-    backbone.check_stage_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
+    if scfg.kind == "backbone" or (scfg.kind == "side_info" and scfg.get("method") in side_info.CLASSIFIER_METHODS):
+      backbone.check_head_matches_loss(scfg)  # an ArcFace head needs the ArcFace loss, and vice versa
     if "train" in scfg:
       device_arrays = (scfg.kind == "transformation" and transformation.feature_mode(scfg) == "cached"
                        and bool(scfg.train.get("arrays_on_device", True)))

@@ -102,7 +102,23 @@ def prng_key(seed: int, impl: str = "rbg"):
   return jax.random.key(seed, impl=impl)
 
 
-def _make_train_step(task: Task, tx, seed: int, impl: str):
+def make_state_init(task: Task, tx, example):
+  """``init_state(rng)``: the training state (step 0, params, model state, optimizer state) of ``task`` initialised
+  on zeros shaped like ``example`` (a pytree of ``jax.ShapeDtypeStruct``, one global batch)."""
+
+  def init_state(rng):
+    variables = dict(task.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example)))
+    params = variables.pop("params")
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": variables,
+            "opt_state": tx.init(params)}
+
+  return init_state
+
+
+def make_train_step(task: Task, tx, seed: int, impl: str):
+  """``train_step(state, frozen, batch) -> (state, metrics)``: one optimizer step of ``task`` (loss, backward,
+  update), its randomness a pure function of (seed, step). What :func:`train` jits (alone, or inside
+  :func:`make_multi_step` on the device-resident arrays path)."""
   base_key = prng_key(seed, impl)
 
   def train_step(state, frozen, batch):
@@ -122,7 +138,7 @@ def _make_train_step(task: Task, tx, seed: int, impl: str):
   return train_step
 
 
-def _make_multi_step(train_step, gather):
+def make_multi_step(train_step, gather):
   """``multi_step(state, frozen, arrays, idx [S, B], n) -> (state, summed metrics)``: ``n ≤ S`` train steps in one
   call (an on-device loop with a traced trip count: one compiled body whatever ``n``), step i on the batch
   ``gather(arrays, idx[i])``; metrics are summed over the n steps (a NaN/Inf in any step stays in the sum)."""
@@ -143,7 +159,7 @@ def _make_multi_step(train_step, gather):
   return multi_step
 
 
-def _sharded_rows(arrays, mesh):
+def shard_rows(arrays, mesh):
   """Places every array of ``arrays`` on ``mesh`` with its rows sharded over ``data`` (zero-padded to a multiple of
   the device count; the padding is never indexed). Each process passes the whole arrays (the same everywhere)."""
   n, sh = mesh.size, sharding.data_sharded(mesh)
@@ -164,7 +180,7 @@ def _sharded_rows(arrays, mesh):
   return jax.tree.map(place, arrays)
 
 
-def _gather_rows(mesh):
+def gather_rows(mesh):
   """``gather(arrays, idx [B]) -> batch``: rows ``idx`` (global) of row-sharded ``arrays``, the batch sharded over
   ``data`` like a pipeline batch. Each device picks the requested rows it holds (zeros elsewhere) and a
   reduce-scatter over ``data`` adds the contributions and leaves each device its slice of the batch: exact (one
@@ -309,13 +325,7 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
                                         num_steps=1, transform=task.transform, keys=task.keys, num_threads=1))
   example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((tc.batch_size,) + x.shape[1:], x.dtype), first)
 
-  def init_state(rng):
-    variables = task.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example))
-    variables = dict(variables)
-    params = variables.pop("params")
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": variables,
-            "opt_state": tx.init(params)}
-
+  init_state = make_state_init(task, tx, example)
   impl = cfg.get("prng_impl", "rbg")
   init_rng = prng_key(seed + 7, impl)
   abstract = jax.eval_shape(init_state, init_rng)
@@ -332,12 +342,12 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
     state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
   start = int(state["step"])
 
-  train_step = _make_train_step(task, tx, seed, impl)
+  train_step = make_train_step(task, tx, seed, impl)
   frozen_sh = repl if frozen is not None else None
   if on_device:
-    arrays = _sharded_rows(task.arrays, mesh)
+    arrays = shard_rows(task.arrays, mesh)
     rows_sh = jax.tree.map(lambda _: data_sh, arrays)
-    multi_fn = jax.jit(_make_multi_step(train_step, _gather_rows(mesh)),
+    multi_fn = jax.jit(make_multi_step(train_step, gather_rows(mesh)),
                        in_shardings=(state_sh, frozen_sh, rows_sh, repl, repl),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
 

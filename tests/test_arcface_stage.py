@@ -153,9 +153,9 @@ def test_bct_through_arcface_old_model(arc_old):
   hist = [r for r in stage_logs.records(d) if "loss" in r]
   assert all(np.isfinite(r["influence_loss"]) for r in hist) and hist[0]["influence_loss"] > 20  # s·sin m
 
-  assert backbone.bct_old_loss(cfg, ctx) == {"kind": "arcface", "scale": 64.0, "margin": 0.5}
   source, info = sources.get_source(cfg.data, cfg.split)
-  w = backbone.bct_old_classifier(cfg, ctx, source, info.num_classes, 8)
+  w, old_loss = backbone.bct_old_head(cfg, ctx, source, info.num_classes, 8)
+  assert old_loss == {"kind": "arcface", "scale": 64.0, "margin": 0.5}
   old_kernel = np.asarray(checkpoint.load_model(os.path.join(wd, "old"))["params"]["classifier"]["kernel"])
   np.testing.assert_allclose(w[:, :old_kernel.shape[1]], old_kernel)
   module, old_vars, _ = common.load_backbone(ctx, "old", "test")
@@ -167,7 +167,6 @@ def test_bct_through_arcface_old_model(arc_old):
 
   # The step's influence term is the ArcFace loss on cosines with the normalised frozen classifier.
   model = common.build_backbone(cfg, info.num_classes)
-  old_loss = backbone.bct_old_loss(cfg, ctx)
   task = backbone.make_task(cfg, model, info.num_classes, old_classifier=w, old_loss=old_loss)
   batch = {"image": jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32) / 255.0,
            "label": jnp.asarray(labels[:8])}

@@ -274,7 +274,8 @@ def test_bct_influence_through_frozen_old_classifier(seq_run):
 
   # The extended classifier keeps the old columns and adds the old model's class means for the new classes.
   source, info = sources.get_source(cfg.data, cfg.split)
-  w = backbone.bct_old_classifier(cfg, ctx, source, info.num_classes, 8)
+  w, old_loss = backbone.bct_old_head(cfg, ctx, source, info.num_classes, 8)
+  assert old_loss["kind"] == "softmax"
   old_kernel = np.asarray(checkpoint.load_model(old_dir)["params"]["classifier"]["kernel"])
   assert w.shape == (8, info.num_classes)
   np.testing.assert_allclose(w[:, :old_kernel.shape[1]], old_kernel)

@@ -58,15 +58,6 @@ def check_head_matches_loss(cfg):
                    "train; set loss.kind='arcface'")
 
 
-def check_stage_loss(cfg):
-  """Pre-flight check of any stage config (``experiment.run`` / ``dry_run``, before any stage runs): the stages
-  that train a classifier — backbones and the ``alt_old`` / ``alt_old_mixup`` side-information — have matching
-  head and loss."""
-  kind, method = cfg.get("kind"), cfg.get("method")
-  if kind == "backbone" or (kind == "side_info" and method in ("alt_old", "alt_old_mixup")):
-    check_head_matches_loss(cfg)
-
-
 def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, mesh=None,
               old_classifier=None, old_loss=None) -> train_lib.Task:
   """The backbone :class:`train_lib.Task`; with ``old_classifier`` ([D, C] frozen kernel) it is BCT's.
@@ -114,8 +105,10 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
                         evaluate=evaluate, frozen=frozen)
 
 
-def bct_old_classifier(cfg, ctx: common.Context, source, num_classes: int, embedding_dim: int) -> np.ndarray:
-  """BCT's frozen classifier [D, num_classes]: the old model's, extended with its class means for new classes.
+def bct_old_head(cfg, ctx: common.Context, source, num_classes: int, embedding_dim: int):
+  """``(classifier, loss)``: BCT's frozen classifier [D, num_classes] — the old model's, extended with its class
+  means for new classes — and the :func:`loss_spec` the old stage ``cfg.bct.old`` was trained with (its saved
+  config, read once).
 
   Class means are of old-model embeddings (eval transform) of ``source`` (the new training set), so a new class
   is represented where the old model puts its images; for an ArcFace old model, of the L2-normalised embeddings.
@@ -141,16 +134,13 @@ def bct_old_classifier(cfg, ctx: common.Context, source, num_classes: int, embed
   old_emb = common.embed(module, variables, source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
                          mesh=ctx.mesh, transform=common.eval_transform(old_cfg))
   common.check_finite_embeddings(old_emb, f"old-model embeddings for BCT in stage {cfg.name!r}")
-  if loss_spec(old_cfg)["kind"] == "arcface":
+  old_loss = loss_spec(old_cfg)
+  if old_loss["kind"] == "arcface":
     old_emb = old_emb / np.maximum(np.linalg.norm(old_emb, axis=-1, keepdims=True), 1e-12)
   sums, counts = losses.class_feature_sums(features=old_emb, labels=common.source_labels(source),
                                            num_classes=num_classes)
-  return np.asarray(losses.bct_extend_classifier(old_classifier=kernel, feature_sums=sums, counts=counts))
-
-
-def bct_old_loss(cfg, ctx: common.Context) -> dict:
-  """The :func:`loss_spec` the old stage ``cfg.bct.old`` was trained with (from its saved config)."""
-  return loss_spec(common.stage_config(ctx, cfg.bct.old, cfg.name))
+  classifier = np.asarray(losses.bct_extend_classifier(old_classifier=kernel, feature_sums=sums, counts=counts))
+  return classifier, old_loss
 
 
 def run(cfg, stage_dir: str, ctx: common.Context):
@@ -161,8 +151,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   eval_source, eval_labels = common.eval_source(cfg)
   old_classifier = old_loss = None
   if cfg.get("bct", {}).get("old"):
-    old_classifier = bct_old_classifier(cfg, ctx, source, info.num_classes, int(cfg.model.embedding_dim))
-    old_loss = bct_old_loss(cfg, ctx)
+    old_classifier, old_loss = bct_old_head(cfg, ctx, source, info.num_classes, int(cfg.model.embedding_dim))
     print(f"[{cfg.name}] BCT: influence loss (weight {float(cfg.bct.weight)}, the old model's {old_loss['kind']} "
           f"loss) through the frozen classifier of {cfg.bct.old!r}, extended to {old_classifier.shape[1]} classes "
           "with old-model class means", flush=True)

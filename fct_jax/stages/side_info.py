@@ -39,6 +39,8 @@ from fct_jax.errors import FCTError
 from fct_jax.stages import backbone, common
 
 METHODS = ("simclr", "autoencoder", "alt_old", "alt_old_mixup")
+# The methods that train a classifier (an alternate old model): their head and loss must match (`backbone`).
+CLASSIFIER_METHODS = ("alt_old", "alt_old_mixup")
 INPUT_NORMS = ("none", "image")
 
 
@@ -77,7 +79,7 @@ def _check_method(cfg):
 
 def _num_classes(cfg) -> int:
   """Classifier width: the split's classes for the alternate old models, none for SimCLR / autoencoder."""
-  if cfg.method in ("alt_old", "alt_old_mixup"):
+  if cfg.method in CLASSIFIER_METHODS:
     return sources.get_source(cfg.data, cfg.split)[1].num_classes
   return 0
 
