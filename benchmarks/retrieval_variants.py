@@ -29,7 +29,7 @@ def _parse():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--n", type=int, default=50000)
   p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--variants", default="reduce:0,reduce:256,reduce_pairs:0,reduce_pairs:256,broadcast:256,"
+  p.add_argument("--variants", default="reduce_pairs:0,reduce_pairs:256,reduce:0,"
                  "histogram:0", help="method:query_block list (block 0: the automatic choice)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--hlo", default="reduce:0,reduce_pairs:0", help="variants whose compiled HLO is written")

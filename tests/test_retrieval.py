@@ -275,3 +275,16 @@ def test_backfill_curve_endpoints_and_orders():
   np.testing.assert_array_equal(backfill.backfill_order(transformed, new, gap), np.argsort(-gap))
   with pytest.raises(ValueError, match="order must be"):
     backfill.backfill_order(transformed, new, "oracle")
+
+
+def test_reduce_pairs_counts_past_16_bits():
+  """More than 65,535 items rank before a positive: the packed 16-bit counters must not overflow (the gallery is
+  cut into chunks of at most 65,528 items, the counts summed in int32)."""
+  rng = np.random.default_rng(5)
+  n = 70_000
+  g = np.concatenate([rng.uniform(0, 1, (n - 10, 1)), rng.uniform(5, 6, (10, 1))]).astype(np.float32)
+  gl = np.concatenate([np.arange(n - 10) % 7 + 1, np.zeros(10, int)])  # the 10 far items are the positives
+  q, ql = np.zeros((1, 1), np.float32), np.zeros(1, int)
+  got = kernel.rank_stats(q, g, ql, gl, mesh=MESH1, count_method="reduce_pairs")
+  _assert_same(got, metrics.brute_force_stats(q, g, ql, gl))
+  assert got.first_rank[0] == n - 10
