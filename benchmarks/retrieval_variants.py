@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from benchmarks.retrieval_bench import make_data  # noqa: E402
+from benchmarks.retrieval_bench import best_of, make_data  # noqa: E402
 
 
 def _parse():
@@ -61,15 +60,6 @@ def _captured_call(kernel, fn_call):
   return out, seen
 
 
-def _best(f, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f()
-    times.append(time.perf_counter() - t0)
-  return min(times), times
-
-
 def matmul_floor(jax, jnp, kernel, x, block, repeats):
   """Scores of every query block against the whole gallery plus a row minimum: the matmul and one read."""
   from jax import lax  # pylint: disable=g-import-not-at-top
@@ -80,10 +70,8 @@ def matmul_floor(jax, jnp, kernel, x, block, repeats):
   q[:n] = x
   q, g, gs = jax.device_put(q.reshape(nb, block, d)), jax.device_put(g_p), jax.device_put(g_sq)
   fn = jax.jit(lambda q, g, gs: lax.map(lambda qb: kernel.scores(qb, g, gs).min(axis=1), q))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(q, g, gs))
-  first = time.perf_counter() - t0
-  best, times = _best(lambda: jax.block_until_ready(fn(q, g, gs)), repeats)
+  _, first, _ = best_of(lambda: jax.block_until_ready(fn(q, g, gs)), 1)
+  _, best, times = best_of(lambda: jax.block_until_ready(fn(q, g, gs)), repeats)
   return {"seconds": best, "all": times, "first_call_s_incl_compile": first, "query_block": block}
 
 
@@ -111,16 +99,15 @@ def main():
       def stats():
         return kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, count_method=method,
                                  query_block=block, progress=False)
-      t0 = time.perf_counter()
-      got, seen = _captured_call(kernel, stats)
-      entry["first_call_s_incl_compile"] = time.perf_counter() - t0
+      (got, seen), entry["first_call_s_incl_compile"], _ = best_of(lambda: _captured_call(kernel, stats), 1)
       fn, fargs = seen["fn"], seen["args"]
       entry["query_block"] = int(fargs[0].shape[1])
       entry["calls"] = seen["calls"]
-      entry["evaluate_s"], entry["evaluate_all"] = _best(
+      _, entry["evaluate_s"], entry["evaluate_all"] = best_of(
           lambda: retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, count_method=method,
                                      query_block=block, progress=False), args.repeats)
-      entry["kernel_s"], entry["kernel_all"] = _best(lambda: jax.block_until_ready(fn(*fargs)), args.repeats + 2)
+      _, entry["kernel_s"], entry["kernel_all"] = best_of(lambda: jax.block_until_ready(fn(*fargs)),
+                                                          args.repeats + 2)
       entry["metrics"] = metrics.metrics_from_stats(got)
       if ref is None:
         ref = got

@@ -292,13 +292,9 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
           line += " (the split is smaller than one batch: the run would stop with an error)"
       if scfg.kind == "transformation":
         side = scfg.get("side_info", {})
-        try:
-          mode = transformation.feature_mode(scfg)
-        except FCTError as e:
-          mode = f"? ({e})"
         line += (f"\n     from {scfg.get('old', 'old')} → {scfg.get('new', 'new')}, side-info "
                  f"{side.get('kind', 'none')}{' (' + side.get('stage') + ')' if side.get('stage') else ''}, "
-                 f"features {mode}")
+                 f"features {transformation.feature_mode(scfg)}")  # checked by _validate_stages
       if scfg.kind == "evaluation":
         compare = ", ".join(scfg.get("compare_transformations", ()))
         line += (f"\n     h from {scfg.get('transformation')}" + (f"; compared: {compare}" if compare else "")

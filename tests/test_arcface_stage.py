@@ -24,7 +24,6 @@ def _arcface(cfg, steps=None):
   return cfg
 
 
-
 @pytest.fixture(scope="module")
 def arc_old(tmp_path_factory):
   """The runlocal demo's old stage with an ArcFace head and loss, 12 steps, periodic retrieval eval."""

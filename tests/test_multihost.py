@@ -37,7 +37,6 @@ def _free_port():
     return s.getsockname()[1]
 
 
-
 def _run_workers(workdir: str, config: str = "backbone"):
   """Runs ``multihost_worker.CONFIGS[config]`` in 2 processes × 4 CPU devices on ``workdir``; their outputs."""
   port = _free_port()

@@ -49,7 +49,6 @@ def _run_stage(cfg, wd, name):
   return transformation.run(cfg, d, common.Context(workdir=wd)), d
 
 
-
 def test_sequence_plan_end_to_end(seq_run):
   wd, ran = seq_run
   assert ran == list(demo_sequence.get_config("runlocal").plan)

@@ -27,8 +27,6 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
-
-
 class LinearClassifier(nn.Module):
   """Linear classifier on the embedding.
 

@@ -12,7 +12,8 @@ How (per block of B queries, per gallery chunk of C items, memory O(B × C), nev
 1. Scores ``s[b, n] = |g_n|² − 2 q_b·g_n`` by one matmul. Ranking by ``s`` equals ranking by the squared L2 distance
    (``|q_b|²`` is constant along a row; leaving it out also avoids one rounding). Gallery padding scores ``+inf``
    (its ``|g|²`` is set to ``+inf``), above every threshold; the query's own item (index i when ``query_is_gallery``)
-   is never a threshold and is subtracted from the counts once per row (no (B, C) mask in the hot loop).
+   is never a threshold, and its contribution is subtracted from the counts once per row (no (B, C) mask in the
+   hot loop).
 2. The scores of the query's positives, gathered from that same ``s`` (so a positive compares equal to itself
    bitwise): the thresholds ``t[b, j]``. Positives come from a host-built class table (gallery indices per class).
 3. Counting instead of sorting. AP needs, for each positive j, only ``rank_le(j) = #{n : s_n ≤ t_j}`` and
@@ -168,38 +169,22 @@ def _bins(s, gidx, t, t_star, j_star):
   return jnp.where(tie_before, p + 2, c)
 
 
-def _count_histogram(s, gidx, t, t_star, j_star, self_loc=None):
-  """Histogram counting. Returns (B, P+3) int32 per-row histogram of the bins described in `_build`.
-
-  self_loc: optional (B,) int32 column of each query's own item in ``s`` (out of [0, C) where it is not in this
-  chunk); that score is taken out of the histogram. Excluding it here, once per row, rather than by a (B, C) mask
-  keeps XLA:CPU's fused binning loop vectorised (a mask built from the query index compiles to a scalar loop).
-  """
+def _count_histogram(s, gidx, t, t_star, j_star):
+  """Histogram counting. Returns (B, P+3) int32 per-row histogram of the bins described in `_build`; gidx: the
+  scores' gallery indices, broadcastable to (B, C)."""
   b, p = t.shape
   nb = p + 3
-  width = s.shape[1]
   # XLA:CPU's scatter is a scalar loop on one thread. A flat 1-D scatter-add is ~2x faster than a 2-D one, and
   # skipping the bounds checks (all indices are in bounds by construction) saves another ~10-30%.
-  flat = _bins(s, gidx[None, :], t, t_star, j_star) + (jnp.arange(b, dtype=jnp.int32) * nb)[:, None]
-  hist = jnp.zeros((b * nb,), jnp.int32).at[flat.reshape(-1)].add(1, mode="promise_in_bounds").reshape(b, nb)
-  if self_loc is not None:
-    here = (self_loc >= 0) & (self_loc < width)
-    loc = jnp.clip(self_loc, 0, width - 1)[:, None]
-    # The same fused score expression and the same compares as above: the same bin, bitwise.
-    own = _bins(jnp.take_along_axis(s, loc, axis=1), jnp.take_along_axis(gidx[None, :], loc, axis=1), t, t_star,
-                j_star)[:, 0]
-    hist = hist - (jnp.arange(nb, dtype=jnp.int32)[None, :] == own[:, None]) * here[:, None].astype(jnp.int32)
-  return hist
+  flat = _bins(s, gidx, t, t_star, j_star) + (jnp.arange(b, dtype=jnp.int32) * nb)[:, None]
+  return jnp.zeros((b * nb,), jnp.int32).at[flat.reshape(-1)].add(1, mode="promise_in_bounds").reshape(b, nb)
 
 
-def _rank_indicators(s, gidx, t, t_star, j_star, self_loc):
+def _rank_indicators(s, gidx, t, t_star, j_star):
   """The P+1 (B, C) 0/1 indicators summed by the reduce counters: [s ≤ t_j] for each threshold, then
-  [s ranks before the best positive] (CMC tie rule); the query's own item is excluded."""
-  p = t.shape[1]
-  if self_loc is not None:  # the query's own item never counts
-    s = jnp.where(jnp.arange(s.shape[1], dtype=jnp.int32)[None, :] == self_loc[:, None], jnp.inf, s)
-  ops = [s <= t[:, j:j + 1] for j in range(p)]
-  ops.append((s < t_star[:, None]) | ((s == t_star[:, None]) & (gidx[None, :] < j_star[:, None])))
+  [s ranks before the best positive] (CMC tie rule); gidx broadcastable to (B, C)."""
+  ops = [s <= t[:, j:j + 1] for j in range(t.shape[1])]
+  ops.append((s < t_star[:, None]) | ((s == t_star[:, None]) & (gidx < j_star[:, None])))
   return ops
 
 
@@ -209,15 +194,15 @@ def _sum_rows(ops, dtype):
                     (1,))
 
 
-def _count_reduce(s, gidx, t, t_star, j_star, self_loc=None):
+def _count_reduce(s, gidx, t, t_star, j_star):
   """Variadic-reduction counting. Returns (B, P+1) int32: rank_le for each threshold, then first_rank."""
-  return jnp.stack(_sum_rows(_rank_indicators(s, gidx, t, t_star, j_star, self_loc), jnp.int32), axis=1)
+  return jnp.stack(_sum_rows(_rank_indicators(s, gidx, t, t_star, j_star), jnp.int32), axis=1)
 
 
-def _count_reduce_pairs(s, gidx, t, t_star, j_star, self_loc=None):
+def _count_reduce_pairs(s, gidx, t, t_star, j_star):
   """As `_count_reduce`, with two indicators packed into one uint32 (16-bit fields): half as many reduction
   outputs. Exact while a chunk holds at most 65535 items (`rank_stats` caps the chunk)."""
-  ops = _rank_indicators(s, gidx, t, t_star, j_star, self_loc)
+  ops = _rank_indicators(s, gidx, t, t_star, j_star)
   if len(ops) % 2:
     ops.append(jnp.zeros_like(ops[0]))
   u = jnp.uint32
@@ -272,9 +257,17 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
 
       def count(c, s):
         # Excluded items: gallery padding scores +inf (|g|² = +inf for padding rows, set on the host), above every
-        # threshold; the query's own item (query_is_gallery) is taken out by the counter.
-        self_loc = qi - (offset + c * chunk) if self_exclude else None
-        return count_fn(s, gidx_all[c], t, t_star, j_star, self_loc)
+        # threshold. The query's own item (query_is_gallery) is counted with the rest, then its contribution is
+        # taken out once per row: the same counter on that one score (the same value, the same compares, bitwise).
+        # No (B, C) mask in the hot loop: on XLA:CPU a mask built from the query index compiles the fused counting
+        # to a scalar loop.
+        acc = count_fn(s, gidx_all[c][None, :], t, t_star, j_star)
+        if self_exclude:
+          loc = qi - (offset + c * chunk)
+          col = jnp.clip(loc, 0, chunk - 1)
+          own = count_fn(jnp.take_along_axis(s, col[:, None], axis=1), gidx_all[c][col][:, None], t, t_star, j_star)
+          acc = acc - own * ((loc >= 0) & (loc < chunk)).astype(jnp.int32)[:, None]
+        return acc
 
       if n_chunks == 1:
         acc = count(0, s0)
