@@ -61,8 +61,10 @@ def save_model(stage_dir: str, variables: Any):
   """Writes the final model variables (replicated arrays) to ``stage_dir/model``."""
   path = abspath(join(stage_dir, "model"))
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, variables, force=True)
-  ckptr.wait_until_finished()
+  try:
+    ckptr.save(path, variables, force=True)
+  finally:
+    ckptr.close()  # waits for the save, then ends the checkpointer's background threads
 
 
 def load_model(stage_dir: str) -> Any:
@@ -74,8 +76,8 @@ def load_model(stage_dir: str) -> Any:
   path = abspath(join(stage_dir, "model"))
   if not epath.Path(path).is_dir():
     raise FCTError(f"no saved model in {stage_dir} (stage not finished?)")
+  ckptr = ocp.PyTreeCheckpointer()
   try:
-    ckptr = ocp.PyTreeCheckpointer()
     meta = ckptr.metadata(path)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
@@ -84,6 +86,8 @@ def load_model(stage_dir: str) -> Any:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:
     raise FCTError(f"cannot read model in {path}: {type(e).__name__}") from e
+  finally:
+    ckptr.close()
 
 
 def write_text(path: str, text: str):

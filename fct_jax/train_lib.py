@@ -252,13 +252,15 @@ class PreemptionWatcher:
 
 
 @contextlib.contextmanager
-def _finish_saves(mngr):
-  """Waits for asynchronous checkpoint saves when the loop ends, however it ends: the last save at the end, the
-  one before a preemption stop, and an earlier, finite step's save before a NaN/Inf stop (or any error)."""
+def _closing(mngr):
+  """Closes the checkpoint manager when training ends, however it ends: ``close`` waits for the asynchronous
+  saves (the last one at the end, the one before a preemption stop, an earlier finite step's before a NaN/Inf
+  stop or any error) and ends the manager's background threads and their event loops, which would otherwise
+  outlive the stage (one set per stage run in a long-lived process such as a notebook kernel)."""
   try:
-    yield
+    yield mngr
   finally:
-    mngr.wait_until_finished()
+    mngr.close()
 
 
 def check_steps_per_call(stage: str, tc, device_arrays: bool) -> int:
@@ -334,12 +336,16 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=int(tc.get("keep_checkpoints", 2)))
-  if mngr.latest_step() is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-    state = checkpoint.restore_state(mngr, target)
-    print(f"{prefix}resumed from step {int(state['step'])} in {ckpt_dir}", flush=True)
-  else:
-    state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+  try:
+    if mngr.latest_step() is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+      state = checkpoint.restore_state(mngr, target)
+      print(f"{prefix}resumed from step {int(state['step'])} in {ckpt_dir}", flush=True)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+  except BaseException:
+    mngr.close()
+    raise
   start = int(state["step"])
 
   train_step = make_train_step(task, tx, seed, impl)
@@ -416,7 +422,7 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
           f"{mesh.size} devices{calls})", flush=True)
   data = batches(start) if start < end and not on_device else iter(())
   watcher = PreemptionWatcher()
-  with watcher.installed(), _finish_saves(mngr):
+  with watcher.installed(), _closing(mngr):
     step = start
     while step < end:
       n = next_stop(step) - step
