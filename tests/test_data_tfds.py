@@ -236,6 +236,7 @@ def test_config_forms(cfg_name):
       assert side["method"] == "simclr" and side["train"]["optimizer"]["name"] == "lars"
       assert full.stages["transformation"]["side_info"]["kind"] == "simclr"
       assert full.stages["old"]["loss"]["kind"] == "softmax" and full.stages["old"]["model"]["head"] == "linear"
+      assert "head" not in side["model"]  # SimCLR's encoder has no classifier
     assert side["split"] == "old_train"
     assert full.stages["transformation"]["side_info"]["stage"] == "side_info"
     assert full.stages["bct_new"]["bct"]["old"] == "old"
