@@ -251,18 +251,6 @@ class PreemptionWatcher:
     return self.requested
 
 
-@contextlib.contextmanager
-def _closing(mngr):
-  """Closes the checkpoint manager when training ends, however it ends: ``close`` waits for the asynchronous
-  saves (the last one at the end, the one before a preemption stop, an earlier finite step's before a NaN/Inf
-  stop or any error) and ends the manager's background threads and their event loops, which would otherwise
-  outlive the stage (one set per stage run in a long-lived process such as a notebook kernel)."""
-  try:
-    yield mngr
-  finally:
-    mngr.close()
-
-
 def check_steps_per_call(stage: str, tc, device_arrays: bool) -> int:
   """``train.steps_per_call`` (0 when unset); more than 1 needs the device-resident arrays path (the
   transformation's cached features with ``train.arrays_on_device``), else a one-line FCTError."""
@@ -335,119 +323,117 @@ def train(*, cfg, workdir: str, task: Task, source, mesh=None, stop_at_step: Opt
   frozen = jax.device_put(task.frozen, repl) if task.frozen is not None else None
 
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = checkpoint.manager(ckpt_dir, max_to_keep=int(tc.get("keep_checkpoints", 2)))
-  try:
+  # close() waits for the asynchronous saves (the last one, the one before a preemption stop, an earlier finite
+  # step's before a NaN/Inf stop or any error) and ends the manager's threads and event loops, however train ends.
+  with contextlib.closing(checkpoint.manager(ckpt_dir, max_to_keep=int(tc.get("keep_checkpoints", 2)))) as mngr:
     if mngr.latest_step() is not None:
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
       state = checkpoint.restore_state(mngr, target)
       print(f"{prefix}resumed from step {int(state['step'])} in {ckpt_dir}", flush=True)
     else:
       state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
-  except BaseException:
-    mngr.close()
-    raise
-  start = int(state["step"])
+    start = int(state["step"])
 
-  train_step = make_train_step(task, tx, seed, impl)
-  frozen_sh = repl if frozen is not None else None
-  if on_device:
-    arrays = shard_rows(task.arrays, mesh)
-    rows_sh = jax.tree.map(lambda _: data_sh, arrays)
-    multi_fn = jax.jit(make_multi_step(train_step, gather_rows(mesh)),
-                       in_shardings=(state_sh, frozen_sh, rows_sh, repl, repl),
-                       out_shardings=(state_sh, repl), donate_argnums=(0,))
+    train_step = make_train_step(task, tx, seed, impl)
+    frozen_sh = repl if frozen is not None else None
+    if on_device:
+      arrays = shard_rows(task.arrays, mesh)
+      rows_sh = jax.tree.map(lambda _: data_sh, arrays)
+      multi_fn = jax.jit(make_multi_step(train_step, gather_rows(mesh)),
+                         in_shardings=(state_sh, frozen_sh, rows_sh, repl, repl),
+                         out_shardings=(state_sh, repl), donate_argnums=(0,))
 
-    def run_steps(st, step, n):  # steps step+1 .. step+n; the index block keeps one shape [per_call, B]
-      host = np.zeros((per_call, tc.batch_size), np.int32)  # fresh: a CPU device array may alias it
-      host[:n] = np.asarray(task.indices(step, n))
-      idx = jax.make_array_from_callback(host.shape, repl, lambda i: host[i])
-      n_dev = jax.make_array_from_callback((), repl, lambda i: np.asarray(n, np.int32))
-      return multi_fn(st, frozen, arrays, idx, n_dev)
-  else:
-    step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, data_sh),
-                      out_shardings=(state_sh, repl), donate_argnums=(0,))
+      def run_steps(st, step, n):  # steps step+1 .. step+n; the index block keeps one shape [per_call, B]
+        host = np.zeros((per_call, tc.batch_size), np.int32)  # fresh: a CPU device array may alias it
+        host[:n] = np.asarray(task.indices(step, n))
+        idx = jax.make_array_from_callback(host.shape, repl, lambda i: host[i])
+        n_dev = jax.make_array_from_callback((), repl, lambda i: np.asarray(n, np.int32))
+        return multi_fn(st, frozen, arrays, idx, n_dev)
+    else:
+      step_fn = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, data_sh),
+                        out_shardings=(state_sh, repl), donate_argnums=(0,))
 
-    def run_steps(st, step, n):
-      del step, n  # always 1
-      return step_fn(st, frozen, next(data))
+      def run_steps(st, step, n):
+        del step, n  # always 1
+        return step_fn(st, frozen, next(data))
 
-  writer = writers.create_writer(workdir, prefix=prefix, console=False)
-  if start == 0:
-    writer.write_hparams({"total_steps": total, "steps_per_epoch": steps_per_epoch,
-                          "devices": mesh.size, "processes": jax.process_count()})
-  log_every = max(1, int(tc.get("log_every_steps", 50)))
-  eval_every = int(tc.get("eval_every_steps", 0) or 0)
-  ckpt_every = int(tc.get("checkpoint_every_steps", 0) or 0)
-  end = total if stop_at_step is None else min(total, stop_at_step)
-  progress = writers.Progress(total, start=start, prefix=prefix)
-  history = []
-  acc, acc_n = None, 0
-
-  def flush_metrics(step):
-    nonlocal acc, acc_n
-    if acc is None:
-      return
-    m = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
+    writer = writers.create_writer(workdir, prefix=prefix, console=False)
+    if start == 0:
+      writer.write_hparams({"total_steps": total, "steps_per_epoch": steps_per_epoch,
+                            "devices": mesh.size, "processes": jax.process_count()})
+    log_every = max(1, int(tc.get("log_every_steps", 50)))
+    eval_every = int(tc.get("eval_every_steps", 0) or 0)
+    ckpt_every = int(tc.get("checkpoint_every_steps", 0) or 0)
+    end = total if stop_at_step is None else min(total, stop_at_step)
+    progress = writers.Progress(total, start=start, prefix=prefix)
+    history = []
     acc, acc_n = None, 0
-    _check_finite(m, step, task.name)
-    m["lr"] = float(schedule(step - 1))
-    m["steps_per_sec"] = progress.rate(step)
-    writer.write_scalars(step, m)
-    history.append({"step": step, **m})
-    progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.3g}")
 
-  def run_eval(step, st):
-    if task.evaluate is None:
-      return
-    t0 = time.perf_counter()
-    m = task.evaluate(st)
-    _check_finite(m, step, task.name)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
-    history.append({"step": step, **{f"eval/{k}": v for k, v in m.items()}})
-    shown = " ".join(f"{k}={v:.4g}" for k, v in m.items())
-    print(f"{prefix}eval at step {step}: {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    def flush_metrics(step):
+      nonlocal acc, acc_n
+      if acc is None:
+        return
+      m = {k: float(v) / acc_n for k, v in jax.device_get(acc).items()}
+      acc, acc_n = None, 0
+      _check_finite(m, step, task.name)
+      m["lr"] = float(schedule(step - 1))
+      m["steps_per_sec"] = progress.rate(step)
+      writer.write_scalars(step, m)
+      history.append({"step": step, **m})
+      progress.update(step, f"loss {m['loss']:.4f} lr {m['lr']:.3g}")
 
-  def next_stop(step):
-    """The last step of the call starting after ``step``: at most ``per_call`` steps, ending at the next step
-    where the host logs, evaluates or checkpoints (so those land on the configured steps) or at the end."""
-    stop = min(step + per_call, end)
-    for every in (log_every, eval_every, ckpt_every):
-      if every:
-        stop = min(stop, (step // every + 1) * every)
-    return stop
+    def run_eval(step, st):
+      if task.evaluate is None:
+        return
+      t0 = time.perf_counter()
+      m = task.evaluate(st)
+      _check_finite(m, step, task.name)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in m.items()})
+      history.append({"step": step, **{f"eval/{k}": v for k, v in m.items()}})
+      shown = " ".join(f"{k}={v:.4g}" for k, v in m.items())
+      print(f"{prefix}eval at step {step}: {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
-  if start < end:
-    calls = f", up to {per_call} steps per call on device-resident data" if on_device else ""
-    print(f"{prefix}training steps {start}..{total} ({steps_per_epoch} steps/epoch, batch {tc.batch_size}, "
-          f"{mesh.size} devices{calls})", flush=True)
-  data = batches(start) if start < end and not on_device else iter(())
-  watcher = PreemptionWatcher()
-  with watcher.installed(), _closing(mngr):
-    step = start
-    while step < end:
-      n = next_stop(step) - step
-      state, metrics = run_steps(state, step, n)
-      step += n
-      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-      acc_n += n
-      preempted = watcher.should_stop(step, mngr) and step < end
-      last = step == end or preempted
-      if step % log_every == 0 or last:
-        flush_metrics(step)
-      if (ckpt_every and step % ckpt_every == 0) or last:
-        flush_metrics(step)  # never checkpoint a non-finite state
-        checkpoint.save_state(mngr, step, state, force=last)
-      if preempted:
-        writer.close()
-        raise Preempted(f"stage {task.name!r} stopped at step {step}/{total} on request; checkpoint saved, "
-                        "rerun the same command to resume")
-      if eval_every and step % eval_every == 0 and not last:
-        run_eval(step, state)
-  if end == total:
-    run_eval(total, state)
-  writer.flush()
-  writer.close()
-  return state, history
+    def next_stop(step):
+      """The last step of the call starting after ``step``: at most ``per_call`` steps, ending at the next step
+      where the host logs, evaluates or checkpoints (so those land on the configured steps) or at the end."""
+      stop = min(step + per_call, end)
+      for every in (log_every, eval_every, ckpt_every):
+        if every:
+          stop = min(stop, (step // every + 1) * every)
+      return stop
+
+    if start < end:
+      calls = f", up to {per_call} steps per call on device-resident data" if on_device else ""
+      print(f"{prefix}training steps {start}..{total} ({steps_per_epoch} steps/epoch, batch {tc.batch_size}, "
+            f"{mesh.size} devices{calls})", flush=True)
+    data = batches(start) if start < end and not on_device else iter(())
+    watcher = PreemptionWatcher()
+    with watcher.installed():
+      step = start
+      while step < end:
+        n = next_stop(step) - step
+        state, metrics = run_steps(state, step, n)
+        step += n
+        acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+        acc_n += n
+        preempted = watcher.should_stop(step, mngr) and step < end
+        last = step == end or preempted
+        if step % log_every == 0 or last:
+          flush_metrics(step)
+        if (ckpt_every and step % ckpt_every == 0) or last:
+          flush_metrics(step)  # never checkpoint a non-finite state
+          checkpoint.save_state(mngr, step, state, force=last)
+        if preempted:
+          writer.close()
+          raise Preempted(f"stage {task.name!r} stopped at step {step}/{total} on request; checkpoint saved, "
+                          "rerun the same command to resume")
+        if eval_every and step % eval_every == 0 and not last:
+          run_eval(step, state)
+    if end == total:
+      run_eval(total, state)
+    writer.flush()
+    writer.close()
+    return state, history
 
 
 def predict(apply_fn: Callable, variables: Any, source, *, batch_size: int, transform: Callable, mesh=None,

@@ -51,8 +51,8 @@ Counting methods (identical integer results, tested against each other):
   N=10k), row reductions over explicit 8–32-wide lane axes (3–4× slower), and for query = gallery a triangular
   pass over block pairs that computes each B×B product once and counts it for both blocks (half the matmul, but
   2× slower end to end: per-pair scan steps and the transposed side); on GPU a single-output reduction over the
-  (B, P+1, C) broadcast compare (2.5 s). At N=10k, d=128, P=49 on 2 CPU cores the kernel takes ~1.3× its matmul
-  alone (0.29 vs 0.22 s).
+  (B, P+1, C) broadcast compare (2.5 s). At N=10k, d=128, P=49 on 2 CPU cores the matmul alone is most of the
+  kernel (`retrieval_variants.py --n 10000`, two runs: kernel 0.39–0.45 s, matmul floor 0.21–0.24 s at B=256).
 
 Sharding: the gallery is sharded over the mesh's ``data`` axis (so a gallery larger than one device works), queries
 are replicated, and thresholds (``pmin``) and counts (``psum``) are combined across devices. All combined quantities
