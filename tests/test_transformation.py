@@ -190,6 +190,26 @@ def test_load_h_reads_widths_from_configs_not_checkpoints(seq_run):
   assert "\n" not in str(e.value)
 
 
+def test_sequence_evaluation_loads_each_side_info_once(seq_run, tmp_path, monkeypatch):
+  """The sequence evaluation loads 4 transformations over 2 ψ models (h2, g2, h13 over side1; h3 over side2):
+  each ψ checkpoint is read once, and the results are the plan's."""
+  wd, _ = seq_run
+  for stage in demo_sequence.get_config("runlocal").plan:
+    if stage != "eval":
+      os.symlink(os.path.join(wd, stage), tmp_path / stage)
+  loads = []
+  real_load = transformation.side_info.load
+  monkeypatch.setattr(transformation.side_info, "load", lambda ctx, stage, by: loads.append(stage) or
+                      real_load(ctx, stage, by))
+  os.makedirs(tmp_path / "eval")
+  from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
+  assert sequence.run(_stage_cfg("eval"), str(tmp_path / "eval"), common.Context(workdir=str(tmp_path)))
+  assert sorted(loads) == ["side1", "side2"]
+  got = json.load(open(tmp_path / "results.json"))["cases"]
+  want = json.load(open(os.path.join(wd, "results.json")))["cases"]
+  assert got == want
+
+
 def _vector_task(rows, *, nan_from=None):
   """A linear model on device-held rows; its metrics show which rows each step saw."""
   x = np.random.default_rng(0).normal(size=(rows, 3)).astype(np.float32)

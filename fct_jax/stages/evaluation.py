@@ -45,12 +45,12 @@ def run(cfg, stage_dir: str, ctx: common.Context):
                                   transform=common.eval_transform(cfg))
     common.check_finite_embeddings(emb["bct-new"], "BCT new-model embeddings")
     cases += [("bct-new", "old"), ("bct-new", "bct-new")]
-  psi_cache, transformed, kinds, feature_modes = {}, {}, {}, {}
+  psi_cache, transformed, kinds, feature_modes, side_models = {}, {}, {}, {}, {}
 
   def upgrade(stage):
     """h(φ_old, ψ) of the eval images with the transformation ``stage``; ψ computed once per side-info model."""
     if stage not in transformed:
-      h, tcfg, side = transformation.load_h(ctx, stage, cfg.name)
+      h, tcfg, side = transformation.load_h(ctx, stage, cfg.name, side_cache=side_models)
       key = side.stage or f"none{side.dim}"
       if key not in psi_cache:
         psi_cache[key] = (side, side.embed(source, batch_size=bs, mesh=ctx.mesh,

@@ -24,7 +24,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   source, _ = sources.get_source(cfg.data, cfg.split)
   labels = common.source_labels(source)
   bs = common.eval_batch_size(cfg, ctx.mesh)
-  emb, psi_cache, hs = {}, {}, {}
+  emb, psi_cache, hs, side_models = {}, {}, {}, {}
 
   def backbone(stage):
     if stage not in emb:
@@ -36,7 +36,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
 
   def load(stage):
     if stage not in hs:
-      hs[stage] = transformation.load_h(ctx, stage, cfg.name)
+      hs[stage] = transformation.load_h(ctx, stage, cfg.name, side_cache=side_models)
     return hs[stage]
 
   def stored(stage):

@@ -28,7 +28,7 @@ otherwise the stage stops with a one-line error before training.
 import dataclasses
 import io
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,12 @@ def build_h(cfg, old_dim: int, new_dim: int):
   return models.get_model(cfg.model.name, old_dim=old_dim, side_dim=int(cfg.side_info.dim), new_dim=new_dim, **kw)
 
 
-def load_side_info(cfg, ctx) -> side_info.SideInfo:
-  """The frozen ψ a transformation config asks for, checked against it (kind and width)."""
+def load_side_info(cfg, ctx, cache: Optional[Dict[str, side_info.SideInfo]] = None) -> side_info.SideInfo:
+  """The frozen ψ a transformation config asks for, checked against it (kind and width).
+
+  ``cache``: side-info stage name → loaded ψ, shared by callers that load several h's over the same ψ (each
+  stage's checkpoint is then read once); the checks still run for every config.
+  """
   si = cfg.side_info
   kind, dim = si.kind, int(si.dim)
   if kind not in SIDE_INFO_KINDS:
@@ -61,7 +65,12 @@ def load_side_info(cfg, ctx) -> side_info.SideInfo:
     return side_info.zeros(dim)
   if not si.get("stage"):
     raise FCTError(f"stage {cfg.name!r}: side_info.kind={kind!r} needs side_info.stage, the side_info stage to load")
-  psi = side_info.load(ctx, si.stage, cfg.name)
+  if cache is not None and si.stage in cache:
+    psi = cache[si.stage]
+  else:
+    psi = side_info.load(ctx, si.stage, cfg.name)
+    if cache is not None:
+      cache[si.stage] = psi
   if psi.method != kind:
     raise FCTError(f"stage {cfg.name!r}: side_info.kind is {kind!r} but stage {si.stage!r} trained {psi.method!r}")
   if psi.dim != dim:
@@ -317,18 +326,19 @@ def upstream_width(ctx, stage: str, needed_by: str, config=None) -> int:
   return int(model["embedding_dim"])
 
 
-def load_h(ctx, stage: str, needed_by: str):
+def load_h(ctx, stage: str, needed_by: str, side_cache: Optional[Dict[str, side_info.SideInfo]] = None):
   """A finished transformation stage (h or g): ``(transform, cfg, side_info)``.
 
   ``transform(old [N, d_old], psi [N, d_side]) -> [N, d_new]`` numpy (eval mode, in batches; a one-line
   :class:`FCTError` when the stored vectors' widths do not fit); ``side_info`` is its frozen input
-  :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images). h is rebuilt with the widths in the
-  upstream stages' saved configs (φ_old and the target are not loaded), checked against its saved variables.
+  :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images; ``side_cache``: see
+  :func:`load_side_info`). h is rebuilt with the widths in the upstream stages' saved configs (φ_old and the
+  target are not loaded), checked against its saved variables.
   """
   cfg, variables = common.load_stage(ctx, stage, needed_by)
   if cfg.kind != "transformation":
     raise FCTError(f"stage {needed_by!r} expects {stage!r} to be a transformation stage, not {cfg.kind!r}")
-  side = load_side_info(cfg, ctx)
+  side = load_side_info(cfg, ctx, side_cache)
   new_config = common.stage_config(ctx, cfg.new, stage)
   target_kind(cfg, ctx, new_config)  # a backbone or side_info target, else a one-line error
   dims = {"old": upstream_width(ctx, cfg.old, stage), "new": upstream_width(ctx, cfg.new, stage, new_config)}
