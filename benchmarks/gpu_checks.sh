@@ -30,11 +30,12 @@ if want train; then
   echo "== ResNet-50 train step vs torch =="
   timeout 200 python3 benchmarks/train_step_bench.py --torch --profile 5 ${TRAIN_ARGS:-} --out "$OUT/train_step_gpu.json"
 fi
-if want train_variants; then  # the JAX step alone with other options: TRAIN_VARIANTS="--a 1;--b 2" (";"-separated)
+if want train_variants; then  # the JAX step alone with other options, ";"-separated, shell quoting kept:
+  # TRAIN_VARIANTS="--batch_norm flax;--xla_flags='--xla_gpu_triton_gemm_any=true --xla_gpu_autotune_level=4'"
   IFS=';' read -ra variants <<< "${TRAIN_VARIANTS:-}"
   for i in "${!variants[@]}"; do
     echo "== ResNet-50 train step, variant $i: ${variants[$i]} =="
-    timeout 120 python3 benchmarks/train_step_bench.py ${variants[$i]} --out "$OUT/train_step_variant$i.json"
+    eval "timeout 120 python3 benchmarks/train_step_bench.py ${variants[$i]} --out \"\$OUT/train_step_variant$i.json\""
   done
 fi
 if want upgrade; then

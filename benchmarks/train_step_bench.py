@@ -9,6 +9,7 @@ Run on a GPU machine (peers side by side, one process, ratio printed and written
 
   python benchmarks/train_step_bench.py --torch --out resnet50_step.json
   python benchmarks/train_step_bench.py --batch_norm flax --profile 5   # Flax's BatchNorm; device time per kernel
+  python benchmarks/train_step_bench.py --xla_flags="--xla_gpu_triton_gemm_any=true"   # a compiler option (note the =)
 
 Smoke test on a CPU::
 
@@ -57,6 +58,8 @@ def _parse():
                  help="ResNet BatchNorm: fct or flax (default: the model's, fct)")
   p.add_argument("--profile", type=int, default=0,
                  help="trace this many more JAX steps with jax.profiler and print the device time per op")
+  p.add_argument("--xla_flags", default="",
+                 help="XLA flags added to $XLA_FLAGS for this run, space-separated; write --xla_flags=\"--a=1 --b=2\"")
   p.add_argument("--torch", action="store_true", help="also time the same step in PyTorch (eager, autocast)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args()
@@ -242,7 +245,9 @@ def bench_torch(args):
 
 def main():
   args = _parse()
-  result = {"config": vars(args), "python": platform.python_version()}
+  if args.xla_flags:  # read when the backend starts, i.e. at the first device query below, not at `import jax`
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+  result = {"config": vars(args), "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
   result["jax"] = bench_jax(args)
   j = result["jax"]
   print(f"jax   {args.model} bf16={args.dtype == 'bfloat16'} batch {args.batch} @ {args.image_size}px on "
