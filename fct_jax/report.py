@@ -9,7 +9,8 @@ the case table (percent), the embeddings of the evaluation set and their labels.
 * linear CKA between every pair of evaluated embeddings (old, new, h, …);
 * the per-example cost of the update (backfilling vs BCT vs FCT, ``gallery/cost.py``);
 * the partial-backfilling curve (``retrieval/backfill.py``: new queries, gallery h → φ_new in random order);
-* for update sequences (rows such as ``v3/h3(h2(v1))``) the compatibility matrix, query model × gallery model.
+* for update sequences (rows such as ``v3/h3(h2(v1))``) the compatibility matrix, query model × gallery model,
+  and each hop's error against the embedding its target model computes from the images.
 
 Everything lands in ``results.json`` first; ``results.md`` and the plots are rendered from that dictionary alone,
 so the Markdown's numbers are the JSON's, and ``python -m fct_jax.report --workdir DIR`` redraws them later:
@@ -294,6 +295,16 @@ def markdown(results: Mapping, plots: Sequence[str] = ()) -> str:
   if comp:
     parts += ["## Compatibility matrix (CMC top-1 %, query model × gallery model)", "",
               _matrix_table(comp["queries"], comp["galleries"], comp["values"], "query \\ gallery", 1), ""]
+  hops = results.get("hop_errors")
+  if hops:
+    parts += ["## Hop errors (update sequences)", "",
+              "Relative squared error of each hop's output against the embedding its target model computes from "
+              "the images (Σ‖out − target‖² / Σ‖target − mean‖²; 0 = exact, 1 = the target's mean).", "",
+              "| row | hop | h | φ error | g | ψ error |", "|---|---:|---|---:|---|---:|"]
+    for row, errors in hops.items():
+      parts += [f"| {row} | {i} | {e['h']} | {_f(e['phi_rel_sq_err'], 3)} | {e['g'] or '–'} | "
+                f"{_f(e['psi_rel_sq_err'], 3)} |" for i, e in enumerate(errors, start=1)]
+    parts.append("")
   cka = results.get("cka")
   if cka and len(cka["models"]) > 1:
     parts += ["## Linear CKA between embeddings of the evaluation set", "",

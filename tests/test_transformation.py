@@ -210,6 +210,58 @@ def test_sequence_evaluation_loads_each_side_info_once(seq_run, tmp_path, monkey
   assert got == want
 
 
+def test_sequence_hop_errors(seq_run):
+  """Each row's hop errors: one entry per hop; h2's and g2's recomputed here from the models and the images."""
+  from fct_jax.stages import sequence, side_info  # pylint: disable=g-import-not-at-top
+  wd, _ = seq_run
+  res = json.load(open(os.path.join(wd, "results.json")))
+  hops = res["hop_errors"]
+  assert set(hops) == {*SEQUENCE_ROWS, *(r + "[none]" for r in SEQUENCE_ROWS)}
+  for row, errors in hops.items():
+    assert [[e["h"], e["g"]] for e in errors] == res["rows"][row]["hops"]
+    for e in errors:
+      assert np.isfinite(e["phi_rel_sq_err"]) and e["phi_rel_sq_err"] >= 0
+      assert (e["psi_rel_sq_err"] is None) == (not e["g"])
+  assert "## Hop errors" in open(os.path.join(wd, "results.md")).read()
+  ctx = common.Context(workdir=wd)
+  cfg = _stage_cfg("eval")
+  source, _ = sources.get_source(cfg.data, cfg.split)
+  embed = lambda stage: common.embed(*common.load_backbone(ctx, stage, "test")[:2], source, batch_size=16,
+                                     transform=common.eval_transform(cfg))
+  psi = lambda stage: side_info.load(ctx, stage, "test").embed(source, batch_size=16,
+                                                              transform=common.eval_transform(cfg))
+  phi1, psi1 = embed("v1"), psi("side1")
+  h2, g2 = transformation.load_h(ctx, "h2", "test")[0], transformation.load_h(ctx, "g2", "test")[0]
+  first = hops["v3/h3(h2(v1))"][0]
+  np.testing.assert_allclose(first["phi_rel_sq_err"],
+                             sequence.relative_squared_error(h2(phi1, psi1), embed("v2")), rtol=1e-5)
+  np.testing.assert_allclose(first["psi_rel_sq_err"],
+                             sequence.relative_squared_error(g2(phi1, psi1), psi("side2")), rtol=1e-5)
+  assert hops["v2/h2(v1)"][0]["phi_rel_sq_err"] == first["phi_rel_sq_err"]
+
+
+def test_relative_squared_error():
+  from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
+  t = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 8.0]])
+  assert sequence.relative_squared_error(t, t) == 0.0
+  assert sequence.relative_squared_error(np.broadcast_to(t.mean(0), t.shape), t) == pytest.approx(1.0)
+  # Σ(t − mean)² = 8 + 26 = 34 (columns 0, 2, 4 and 1, 3, 8); an error of 1 in one entry → 1 / 34.
+  p = t.copy()
+  p[0, 0] += 1.0
+  assert sequence.relative_squared_error(p, t) == pytest.approx(1.0 / 34.0)
+  assert np.isnan(sequence.relative_squared_error(t, np.ones_like(t)))  # a constant target: undefined
+
+
+def test_sequence_row_with_a_g_in_place_of_h_is_refused(seq_run):
+  from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
+  wd, _ = seq_run
+  cfg = _stage_cfg("eval")
+  cfg.rows = [{"name": "v2/g(v1)", "query": "v2", "hops": [["g2", ""]]}]
+  with pytest.raises(FCTError, match=r"'g2' is a g \(its target 'side2' is side-information\), not an h") as e:
+    sequence.run(cfg, os.path.join(wd, "eval_bad"), common.Context(workdir=wd))
+  assert "\n" not in str(e.value)
+
+
 def _vector_task(rows, *, nan_from=None):
   """A linear model on device-held rows; its metrics show which rows each step saw."""
   x = np.random.default_rng(0).normal(size=(rows, 3)).astype(np.float32)

@@ -9,6 +9,10 @@ the next hop's h must take none (``side_info.kind = "none"``: zeros).
 Config (``configs/common.sequence_evaluation_stage``): ``backbones`` (stage names evaluated against themselves:
 φ_i/φ_i) and ``rows``: ``{"name", "query", "hops"}``; e.g. ``v3/h3(h2(v1))`` is ``query="v3"``,
 ``hops=[["h2", "g2"], ["h3", ""]]``. Writes ``results.json`` / ``results.md`` into the stage and experiment dirs.
+
+Besides the retrieval cases, ``hop_errors`` tells which hop of a row loses the most: for each hop, the relative
+squared error of h's output against the embedding its target model computes from the images (and of g's
+output against ψ_{i+1}'s), :func:`relative_squared_error` (0: exact; 1: no better than the target's mean).
 """
 
 import ml_collections
@@ -17,7 +21,18 @@ import numpy as np
 from fct_jax.data import sources
 from fct_jax.errors import FCTError
 from fct_jax.retrieval import cases as cases_lib
-from fct_jax.stages import common, transformation
+from fct_jax.stages import common, side_info, transformation
+
+
+def relative_squared_error(pred: np.ndarray, target: np.ndarray) -> float:
+  """Σ‖pred − target‖² / Σ‖target − mean(target)‖² over the rows (N, d): 1 − R² of a regression of embeddings.
+
+  0 when ``pred`` equals ``target``; 1 for predicting the target's mean; scale-free, so hops into embeddings of
+  different widths and norms compare.
+  """
+  pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  denom = float(((target - target.mean(axis=0)) ** 2).sum())
+  return float(((pred - target) ** 2).sum() / denom) if denom > 0 else float("nan")
 
 
 def run(cfg, stage_dir: str, ctx: common.Context):
@@ -39,6 +54,15 @@ def run(cfg, stage_dir: str, ctx: common.Context):
       hs[stage] = transformation.load_h(ctx, stage, cfg.name, side_cache=side_models)
     return hs[stage]
 
+  def side_target(stage):
+    """ψ_{i+1} of the eval images computed from the images by side-info stage ``stage`` (a g's target)."""
+    if stage not in psi_cache:
+      if stage not in side_models:
+        side_models[stage] = side_info.load(ctx, stage, cfg.name)
+      psi_cache[stage] = side_models[stage].embed(source, batch_size=bs, mesh=ctx.mesh,
+                                                  transform=common.eval_transform(cfg))
+    return psi_cache[stage]
+
   def stored(stage):
     """φ_1, ψ_1 of the eval images as stored at v1 time, for the first hop's transformation."""
     _, tcfg, side = load(stage)
@@ -50,7 +74,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   gallery = {}
   for stage in cfg.backbones:
     gallery[stage] = backbone(stage)
-  cases = [(s, s) for s in cfg.backbones]
+  cases, hop_errors = [(s, s) for s in cfg.backbones], {}
   rows = [ml_collections.ConfigDict(dict(r)) for r in cfg.rows]  # list items stay plain dicts in a ConfigDict
   for row in rows:
     q, _, gname = row.name.partition("/")
@@ -61,8 +85,12 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     if not hops:
       raise FCTError(f"stage {cfg.name!r}: row {row.name!r} has no hops")
     phi, psi = stored(hops[0][0])
+    errors = hop_errors[row.name] = []
     for i, (h_stage, g_stage) in enumerate(hops):
       h, tcfg, _ = load(h_stage)
+      if transformation.target_kind(tcfg, ctx) != "backbone":
+        raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {h_stage!r} is a g (its target {tcfg.new!r} is "
+                       "side-information), not an h")
       if psi is None:
         if int(tcfg.side_info.dim) > 0:
           raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {h_stage!r} takes side-information but the "
@@ -77,13 +105,16 @@ def run(cfg, stage_dir: str, ctx: common.Context):
         new_psi = g(phi, psi)
       phi, psi = h(phi, psi), new_psi
       common.check_finite_embeddings(phi, f"row {row.name!r} after hop {i + 1}")
+      errors.append({"h": h_stage, "phi_rel_sq_err": relative_squared_error(phi, backbone(tcfg.new)),
+                     "g": g_stage or "",
+                     "psi_rel_sq_err": relative_squared_error(psi, side_target(gcfg.new)) if g_stage else None})
     gallery[gname] = phi
     gallery.setdefault(row.query, backbone(row.query))
     cases.append((row.query, gname))
 
   results = cases_lib.evaluate_cases(gallery, labels, cases)
   table = cases_lib.format_markdown_table(results)
-  payload = {"cases": results, "num_eval": int(len(labels)),
+  payload = {"cases": results, "num_eval": int(len(labels)), "hop_errors": hop_errors,
              "rows": {r.name: {"query": r.query, "hops": [list(h) for h in r.hops]} for r in rows},
              "feature_mode": {s: transformation.feature_mode(c) for s, (_, c, _) in hs.items()}}
   common.write_stage_results(stage_dir, payload, table)
