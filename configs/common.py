@@ -200,27 +200,32 @@ def sequence_evaluation_stage(name: str, *, data, split: str, backbones: Sequenc
 def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, h_model, backbone_train,
                     side_train, h_train, side_kwargs=None, backbone_kwargs=None, h_kwargs=None,
                     eval_split: str = "eval", eval_batch_size: int = 256):
-  """The update sequence v1 → v2 → v3 of the paper's §4.4 (Table 5), with and without side-information.
+  """An update sequence v1 → v2 → … → vN (the paper's §4.4: Table 5 for N = 3), with and without side-information.
 
-  Stages: backbones ``v1..v3`` (on ``splits``), SimCLR side-information ``side1``, ``side2`` (on v1's / v2's
-  training images), transformations ``h2`` (v1 → v2), ``h3`` (v2 → v3), ``h13`` (v1 → v3) with ψ and their
-  ``*_none`` twins without, ``g2`` ((φ1, ψ1) → ψ2), and the sequence evaluation ``eval`` with the rows
-  ``v2/h2(v1)``, ``v3/h3(v2)``, ``v3/h3(h2(v1))`` (two hops, ψ carried by g2), ``v3/h13(v1)``, each also with
-  ``[none]`` (no side-information).
+  Stages: backbones ``v1..vN`` (on ``splits``), SimCLR side-information ``side1..side{N-1}`` (each on its
+  version's training images), for every update i = 2..N a transformation ``h{i}`` (v{i-1} → v{i}) and its
+  ``h{i}_none`` twin without ψ, for i < N a ``g{i}`` ((φ_{i-1}, ψ_{i-1}) → ψ_i) that carries ψ forward, the
+  direct ``h1{N}`` (v1 → vN; ``h1to{N}`` from N = 10) with its ``_none`` twin, and the sequence evaluation ``eval``.
+  Its rows: every single update ``v{i}/h{i}(v{i-1})``; the v1 gallery upgraded hop by hop up to every v_k, k ≥ 3
+  (``v3/h3(h2(v1))``, ``v4/h4(h3(h2(v1)))``, …; ψ carried by the g's); the direct ``v{N}/h1{N}(v1)``; and each
+  again with ``[none]`` (the chains through the ``_none`` h's).
 
   Args:
-    data: data block; splits: the three versions' training splits.
+    data: data block; splits: the N ≥ 3 versions' training splits (e.g. nested class subsets ``train_<K>``).
     backbone_model, side_model, h_model: model blocks.
-    backbone_train, side_train, h_train: ``fn(stage index) -> train config`` (fresh ConfigDicts).
+    backbone_train, side_train, h_train: ``fn(stage index or name) -> train config`` (fresh ConfigDicts).
     side_kwargs, backbone_kwargs, h_kwargs: extra keyword arguments of the stage builders.
   """
+  n = len(splits)
+  if n < 3:
+    raise ValueError(f"an update sequence needs at least 3 versions (splits), got {n}")
   bk, sk, hk = dict(backbone_kwargs or {}), dict(side_kwargs or {}), dict(h_kwargs or {})
   d_side = int(side_model.embedding_dim)
   stages = []
   for i, split in enumerate(splits, start=1):
     stages.append(backbone_stage(f"v{i}", data=data, split=split, model=backbone_model, train_cfg=backbone_train(i),
                                  seed=10 + i, eval_batch_size=eval_batch_size, **bk))
-    if i < len(splits):  # the last version's ψ would only serve a further update
+    if i < n:  # the last version's ψ would only serve a further update
       stages.append(side_info_stage(f"side{i}", method="simclr", data=data, split=split, model=side_model,
                                     train_cfg=side_train(i), seed=20 + i, eval_batch_size=eval_batch_size, **sk))
 
@@ -229,18 +234,30 @@ def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, 
     return transformation_stage(name, data=data, split=split, model=h_model, train_cfg=h_train(name), seed=30,
                                 old=old, new=new, eval_batch_size=eval_batch_size, **kw, **hk)
 
-  s2, s3 = splits[1], splits[2]
-  stages += [
-      h("h2", "v1", "v2", s2, "side1"), h("h2_none", "v1", "v2", s2, ""),
-      h("g2", "v1", "side2", s2, "side1"),  # g: (φ1, ψ1) → ψ2 on the v2 training set
-      h("h3", "v2", "v3", s3, "side2"), h("h3_none", "v2", "v3", s3, ""),
-      h("h13", "v1", "v3", s3, "side1"), h("h13_none", "v1", "v3", s3, ""),
-  ]
-  rows = [("v2/h2(v1)", "v2", [["h2", ""]]), ("v3/h3(v2)", "v3", [["h3", ""]]),
-          ("v3/h3(h2(v1))", "v3", [["h2", "g2"], ["h3", ""]]), ("v3/h13(v1)", "v3", [["h13", ""]]),
-          ("v2/h2(v1)[none]", "v2", [["h2_none", ""]]), ("v3/h3(v2)[none]", "v3", [["h3_none", ""]]),
-          ("v3/h3(h2(v1))[none]", "v3", [["h2_none", ""], ["h3_none", ""]]),
-          ("v3/h13(v1)[none]", "v3", [["h13_none", ""]])]
-  stages.append(sequence_evaluation_stage("eval", data=data, split=eval_split, backbones=("v1", "v2", "v3"),
-                                          rows=rows, eval_batch_size=eval_batch_size))
+  for i in range(2, n + 1):
+    stages += [h(f"h{i}", f"v{i - 1}", f"v{i}", splits[i - 1], f"side{i - 1}"),
+               h(f"h{i}_none", f"v{i - 1}", f"v{i}", splits[i - 1], "")]
+    if i < n:  # g{i}: (φ_{i-1}, ψ_{i-1}) → ψ_i on the v{i} training set
+      stages.append(h(f"g{i}", f"v{i - 1}", f"side{i}", splits[i - 1], f"side{i - 1}"))
+  direct = f"h1{n}" if n < 10 else f"h1to{n}"
+  stages += [h(direct, "v1", f"v{n}", splits[-1], "side1"), h(f"{direct}_none", "v1", f"v{n}", splits[-1], "")]
+
+  def chain(k, none):
+    """The v1 gallery upgraded hop by hop to v{k}: (row name, query, hops)."""
+    name, hops = "v1", []
+    for i in range(2, k + 1):
+      name = f"h{i}({name})"
+      g = "" if none or i == k else f"g{i}"
+      hops.append([f"h{i}_none" if none else f"h{i}", g])
+    return f"v{k}/{name}", f"v{k}", hops
+
+  rows = []
+  for none in (False, True):
+    tag, suffix = ("[none]", "_none") if none else ("", "")
+    rows += [(f"v{i}/h{i}(v{i - 1}){tag}", f"v{i}", [[f"h{i}{suffix}", ""]]) for i in range(2, n + 1)]
+    rows += [(f"{name}{tag}", query, hops) for name, query, hops in (chain(k, none) for k in range(3, n + 1))]
+    rows.append((f"v{n}/{direct}(v1){tag}", f"v{n}", [[f"{direct}{suffix}", ""]]))
+  stages.append(sequence_evaluation_stage("eval", data=data, split=eval_split,
+                                          backbones=tuple(f"v{i}" for i in range(1, n + 1)), rows=rows,
+                                          eval_batch_size=eval_batch_size))
   return stages

@@ -11,7 +11,7 @@ from fct_jax import checkpoint, experiment
 from fct_jax.data import shapes, sources, tfds_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("demo", "demo_sequence", "cifar100", "imagenet", "places365", "vggface2", "digits")
+CONFIGS = ("demo", "demo_sequence", "cifar100", "cifar100_sequence", "imagenet", "places365", "vggface2", "digits")
 
 
 @pytest.fixture
@@ -25,8 +25,9 @@ def no_data(monkeypatch):
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in ("", "runlocal", "ablation")
-                                      # digits: no side-info stages; demo_sequence: no ablation variant
-                                      if not (n in ("digits", "demo_sequence") and a == "ablation")])
+                                      # digits: no side-info stages; the sequences: no ablation variant
+                                      if not (n in ("digits", "demo_sequence", "cifar100_sequence")
+                                              and a == "ablation")])
 def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
   config = importlib.import_module(f"configs.{name}").get_config(arg or None)
   if arg == "ablation":  # Table 6: every side-information kind gets its own h and row

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import demo, demo_sequence, imagenet_sequence
+from configs import cifar100_sequence, demo, demo_sequence, imagenet_sequence
 from fct_jax import checkpoint, experiment, sharding, train_lib
 from fct_jax.data import sources
 from fct_jax.errors import FCTError, NonFiniteError
@@ -402,3 +402,40 @@ def test_configs():
       assert got.train.epochs == want.train.epochs and got.train.optimizer.to_dict() == want.train.optimizer.to_dict()
   # Every other side-information stage keeps ψ's raw input.
   assert all(st.input_norm == "none" for st in seq.stages.values() if st.kind == "side_info")
+
+
+def test_longer_sequence_config():
+  """N versions: an h (and h_none) per update, a g per intermediate version, the direct h, and rows for every
+  update, every hop-by-hop upgrade of the v1 gallery, and the direct one; N = 3 is Table 5's plan."""
+  c = cifar100_sequence.get_config("versions=4")
+  assert [c.stages[f"v{i}"].split for i in range(1, 5)] == ["train_25", "train_50", "train_75", "new_train"]
+  assert list(c.plan) == ["v1", "side1", "v2", "side2", "v3", "side3", "v4", "h2", "h2_none", "g2", "h3", "h3_none",
+                          "g3", "h4", "h4_none", "h14", "h14_none", "eval"]
+  assert (c.stages.g3.old, c.stages.g3.new, c.stages.g3.side_info.stage) == ("v2", "side3", "side2")
+  rows = {r["name"]: (r["query"], [list(h) for h in r["hops"]]) for r in c.stages.eval.rows}
+  assert rows["v4/h4(h3(h2(v1)))"] == ("v4", [["h2", "g2"], ["h3", "g3"], ["h4", ""]])
+  assert rows["v3/h3(h2(v1))"] == ("v3", [["h2", "g2"], ["h3", ""]])
+  assert rows["v4/h4(h3(h2(v1)))[none]"] == ("v4", [["h2_none", ""], ["h3_none", ""], ["h4_none", ""]])
+  assert rows["v4/h14(v1)"] == ("v4", [["h14", ""]]) and len(rows) == 2 * (3 + 2 + 1)
+  assert list(c.stages.eval.backbones) == ["v1", "v2", "v3", "v4"]
+  assert cifar100_sequence.get_config("versions=5").stages.v2.split == "train_40"
+  assert "h1to10" in cifar100_sequence.get_config("versions=10").plan
+  three = cifar100_sequence.get_config("versions=3")
+  assert list(three.plan) == list(demo_sequence.get_config().plan)
+  assert [r["name"] for r in three.stages.eval.rows] == [r["name"] for r in demo_sequence.get_config().stages.eval.rows]
+  for bad in ("versions=2", "versions=101"):
+    with pytest.raises(ValueError, match="versions="):
+      cifar100_sequence.get_config(bad)
+
+
+@pytest.mark.slow
+def test_longer_sequence_end_to_end(tmp_path):
+  """Four versions on tfds mock data (runlocal): ψ carried through two g's, every row evaluated (~90 s)."""
+  wd = str(tmp_path)
+  cfg = cifar100_sequence.get_config("runlocal,versions=4")
+  assert experiment.run(cfg, wd) == list(cfg.plan)
+  res = json.load(open(os.path.join(wd, "results.json")))
+  assert set(res["cases"]) == {f"v{i}/v{i}" for i in range(1, 5)} | {r["name"] for r in cfg.stages.eval.rows}
+  chain = res["hop_errors"]["v4/h4(h3(h2(v1)))"]
+  assert [(e["h"], e["g"]) for e in chain] == [("h2", "g2"), ("h3", "g3"), ("h4", "")]
+  assert all(np.isfinite(e["psi_rel_sq_err"]) for e in chain[:2])
