@@ -23,34 +23,14 @@ labels are spread over 1000 classes, so the class subsets hold few examples).
 
 import ml_collections
 
-from configs import common, recipes
+from configs import recipes
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   a = recipes.parse(arg)
-  if a.runlocal:
-    data = recipes.tfds_data("imagenet2012", a, mock_num_examples=256, image_size=32)
-    model = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 8, "widths": (4, 8), "stem_stride": 2})
-    h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 16})
-    train = lambda opt, epochs: common.train(batch_size=16, epochs=1, steps=2, optimizer_cfg=opt, log_every_steps=1,
-                                             checkpoint_every_steps=2)
-    side_kw = dict(projection_hidden_dim=16, projection_dim=8, views={"out_size": 32})
-    train_augment, eval_augment, eval_bs = "inception_crop_flip_32", "resize36_crop32", 16
-  else:
-    data = recipes.tfds_data("imagenet2012", a)
-    model = ml_collections.ConfigDict({"name": "resnet50", "embedding_dim": 128, "last_nonlin": True})
-    h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 2048})
-    train = lambda opt, epochs: common.train(batch_size=recipes.BATCH, epochs=epochs, optimizer_cfg=opt,
-                                             log_every_steps=100, checkpoint_every_steps=1000)
-    side_kw = dict(projection_hidden_dim=2048, projection_dim=128, views={"out_size": 224})
-    train_augment, eval_augment, eval_bs = "inception_crop_flip", "resize256_crop224", 1024
-  lars = lambda: common.optimizer("lars", 0.3 * recipes.BATCH / 256, weight_decay=1e-6, warmup_epochs=10)
-  stages = common.sequence_stages(
-      data=data, splits=("train_250", "train_500", "new_train"), backbone_model=model, side_model=model,
-      h_model=h_model, backbone_train=lambda i: train(recipes.backbone_sgd(), 100),
-      side_train=lambda i: train(lars(), 100), h_train=lambda name: train(recipes.transformation_adam(), 80),
-      backbone_kwargs=dict(augment=train_augment), side_kwargs=dict(temperature=0.1, **side_kw),
-      h_kwargs=dict(augment=train_augment, feature_mode="online"), eval_batch_size=eval_bs)
-  for s in stages:
-    s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)
-  return common.experiment("imagenet_sequence", stages, a.stage)
+  return recipes.paper_sequence(
+      "imagenet_sequence", a, splits=("train_250", "train_500", "new_train"),
+      data=recipes.tfds_data("imagenet2012", a),
+      runlocal_data=recipes.tfds_data("imagenet2012", a, mock_num_examples=256, image_size=32),
+      train_augment="inception_crop_flip", eval_augment="resize256_crop224",
+      runlocal_train_augment="inception_crop_flip_32", runlocal_eval_augment="resize36_crop32")

@@ -158,6 +158,37 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
   return common.experiment(experiment + ("_ablation" if a.get("ablation", False) else ""), stages, a.stage)
 
 
+def paper_sequence(experiment: str, a, *, splits, data, runlocal_data, train_augment: str, eval_augment: str,
+                   runlocal_train_augment: str, runlocal_eval_augment: str):
+  """An update sequence v1 → … → vN (``common.sequence_stages``) with the reference recipe: ResNet50-128 backbones
+  (100 epochs), SimCLR ResNet50-128 ψ (LARS, temperature 0.1, 2048 → 128 projection, 100 epochs), h and g with the
+  h recipe (80 epochs, features online). ``runlocal`` swaps in tiny models and ``runlocal_data``."""
+  if a.runlocal:
+    data = runlocal_data
+    model = ml_collections.ConfigDict({"name": "small_cnn", "embedding_dim": 8, "widths": (4, 8), "stem_stride": 2})
+    h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 16})
+    train = lambda opt, epochs: common.train(batch_size=16, epochs=1, steps=2, optimizer_cfg=opt, log_every_steps=1,
+                                             checkpoint_every_steps=2)
+    side_kw = dict(projection_hidden_dim=16, projection_dim=8, views={"out_size": 32})
+    train_augment, eval_augment, eval_bs = runlocal_train_augment, runlocal_eval_augment, 16
+  else:
+    model = ml_collections.ConfigDict({"name": "resnet50", "embedding_dim": 128, "last_nonlin": True})
+    h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 2048})
+    train = lambda opt, epochs: common.train(batch_size=BATCH, epochs=epochs, optimizer_cfg=opt,
+                                             log_every_steps=100, checkpoint_every_steps=1000)
+    side_kw = dict(projection_hidden_dim=2048, projection_dim=128, views={"out_size": 224})
+    eval_bs = 1024
+  stages = common.sequence_stages(
+      data=data, splits=splits, backbone_model=model, side_model=model, h_model=h_model,
+      backbone_train=lambda i: train(backbone_sgd(), 100), side_train=lambda i: train(simclr_lars(), 100),
+      h_train=lambda name: train(transformation_adam(), 80),
+      backbone_kwargs=dict(augment=train_augment), side_kwargs=dict(temperature=0.1, **side_kw),
+      h_kwargs=dict(augment=train_augment, feature_mode="online"), eval_batch_size=eval_bs)
+  for s in stages:
+    s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)
+  return common.experiment(experiment, stages, a.stage)
+
+
 def parse(arg):
   """Config arguments of the paper-dataset configs: ``stage=``, ``runlocal``, ``data_dir=``, ``label_cache_dir=``,
   ``ablation`` (Table 6's side-information ablation)."""
