@@ -35,11 +35,16 @@ def relative_squared_error(pred: np.ndarray, target: np.ndarray) -> float:
   return float(((pred - target) ** 2).sum() / denom) if denom > 0 else float("nan")
 
 
+# A transformation's role in a hop: its target's kind (``transformation.target_kind``), and the role's name.
+_ROLES = {"h": ("backbone", "an h"), "g": ("side_info", "a g")}
+_TARGETS = {"backbone": "a backbone", "side_info": "side-information"}
+
+
 def run(cfg, stage_dir: str, ctx: common.Context):
   source, _ = sources.get_source(cfg.data, cfg.split)
   labels = common.source_labels(source)
   bs = common.eval_batch_size(cfg, ctx.mesh)
-  emb, psi_cache, hs, side_models = {}, {}, {}, {}
+  emb, psi_cache, hs, kinds, side_models = {}, {}, {}, {}, {}
 
   def backbone(stage):
     if stage not in emb:
@@ -49,27 +54,30 @@ def run(cfg, stage_dir: str, ctx: common.Context):
       common.check_finite_embeddings(emb[stage], f"{stage} embeddings")
     return emb[stage]
 
-  def load(stage):
+  def load(stage, role, row):
+    """Transformation ``stage`` (loaded once) used in ``row`` as ``role``: "h" (its target is a backbone) or "g"
+    (its target is side-information); the other kind is a one-line error."""
     if stage not in hs:
       hs[stage] = transformation.load_h(ctx, stage, cfg.name, side_cache=side_models)
+      kinds[stage] = transformation.target_kind(hs[stage][1], ctx)
+    if kinds[stage] != _ROLES[role][0]:
+      other = _ROLES["g" if role == "h" else "h"][1]
+      raise FCTError(f"stage {cfg.name!r}: row {row!r}: {stage!r} is {other} (its target {hs[stage][1].new!r} is "
+                     f"{_TARGETS[kinds[stage]]}), not {_ROLES[role][1]}")
     return hs[stage]
 
-  def side_target(stage):
-    """ψ_{i+1} of the eval images computed from the images by side-info stage ``stage`` (a g's target)."""
-    if stage not in psi_cache:
-      if stage not in side_models:
-        side_models[stage] = side_info.load(ctx, stage, cfg.name)
-      psi_cache[stage] = side_models[stage].embed(source, batch_size=bs, mesh=ctx.mesh,
-                                                  transform=common.eval_transform(cfg))
-    return psi_cache[stage]
-
-  def stored(stage):
-    """φ_1, ψ_1 of the eval images as stored at v1 time, for the first hop's transformation."""
-    _, tcfg, side = load(stage)
+  def psi_of(side):
+    """ψ of the eval images computed from the images by ``side`` (once per side-information model)."""
     key = side.stage or f"none{side.dim}"
     if key not in psi_cache:
       psi_cache[key] = side.embed(source, batch_size=bs, mesh=ctx.mesh, transform=common.eval_transform(cfg))
-    return backbone(tcfg.old), psi_cache[key]
+    return psi_cache[key]
+
+  def side_target(stage):
+    """ψ_{i+1} of the eval images from side-info stage ``stage`` (a g's target)."""
+    if stage not in side_models:
+      side_models[stage] = side_info.load(ctx, stage, cfg.name)
+    return psi_of(side_models[stage])
 
   gallery = {}
   for stage in cfg.backbones:
@@ -84,13 +92,11 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     hops = [list(h) for h in row.hops]
     if not hops:
       raise FCTError(f"stage {cfg.name!r}: row {row.name!r} has no hops")
-    phi, psi = stored(hops[0][0])
+    _, first_cfg, first_side = load(hops[0][0], "h", row.name)
+    phi, psi = backbone(first_cfg.old), psi_of(first_side)  # φ_1, ψ_1 as stored at v1 time
     errors = hop_errors[row.name] = []
     for i, (h_stage, g_stage) in enumerate(hops):
-      h, tcfg, _ = load(h_stage)
-      if transformation.target_kind(tcfg, ctx) != "backbone":
-        raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {h_stage!r} is a g (its target {tcfg.new!r} is "
-                       "side-information), not an h")
+      h, tcfg, _ = load(h_stage, "h", row.name)
       if psi is None:
         if int(tcfg.side_info.dim) > 0:
           raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {h_stage!r} takes side-information but the "
@@ -98,10 +104,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
         psi = np.zeros((len(phi), 0), np.float32)
       new_psi = None
       if g_stage:
-        g, gcfg, _ = load(g_stage)
-        if transformation.target_kind(gcfg, ctx) != "side_info":
-          raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {g_stage!r} is an h (its target {gcfg.new!r} "
-                         "is a backbone), not a g")
+        g, gcfg, _ = load(g_stage, "g", row.name)
         new_psi = g(phi, psi)
       phi, psi = h(phi, psi), new_psi
       common.check_finite_embeddings(phi, f"row {row.name!r} after hop {i + 1}")
