@@ -55,7 +55,7 @@ def _parse():
   p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotuning)")
   p.add_argument("--repeats", type=int, default=3, help="timed windows; the best is reported")
   p.add_argument("--batch_norm", default="", choices=["", "fct", "flax"],
-                 help="ResNet BatchNorm: fct or flax (default: the model's, fct)")
+                 help="BatchNorm of the ResNets and MobileNetV2: fct or flax (default: the model's, fct)")
   p.add_argument("--profile", type=int, default=0,
                  help="trace this many more JAX steps with jax.profiler and print the device time per op")
   p.add_argument("--xla_flags", default="",
@@ -63,8 +63,10 @@ def _parse():
   p.add_argument("--torch", action="store_true", help="also time the same step in PyTorch (eager, autocast)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args()
-  if args.batch_norm and not args.model.startswith("resnet"):
-    p.error(f"--batch_norm applies to the ResNets; {args.model} uses Flax's BatchNorm")
+  if args.batch_norm and not args.model.startswith(("resnet", "wide_resnet", "mobilenet")):
+    p.error(f"--batch_norm applies to the ResNets and MobileNetV2, not {args.model}")
+  if args.torch and args.model != "resnet50":
+    p.error(f"--torch times ResNet-50 only (its torch network is built here), not {args.model}")
   return args
 
 

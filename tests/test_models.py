@@ -292,18 +292,32 @@ def test_fct_batchnorm_bfloat16_gradient_is_rounded_once():
   assert err["fct"] <= err["flax"] < 1e-2, err
 
 
-def test_resnet_batch_norm_choice():
-  """batch_norm="fct" (default) and "flax" are the same network: same variables, same train-step loss."""
+BN_CHOICE_MODELS = {
+    "resnet18": dict(num_classes=NUM_CLASSES, embedding_dim=EMB, **TINY["resnet18"]),
+    "mobilenet_v2": dict(num_classes=NUM_CLASSES, embedding_dim=EMB, **TINY["mobilenet_v2"]),
+    "autoencoder": dict(embedding_dim=EMB, width_mult=0.25, settings=((1, 8, 1, 1), (6, 8, 1, 2))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BN_CHOICE_MODELS))
+def test_batch_norm_choice(name):
+  """batch_norm="fct" (default) and "flax" are the same network: same variables, same train-mode outputs and
+  running statistics; an unknown choice is refused."""
   x = _images(seed=5)
-  models = {bn: get_model("resnet18", num_classes=NUM_CLASSES, embedding_dim=EMB, batch_norm=bn, **TINY["resnet18"])
-            for bn in ("fct", "flax")}
-  variables = models["flax"].init(jax.random.key(0), x)
-  assert (jax.tree_util.tree_structure(models["fct"].init(jax.random.key(0), x))
+  models = {bn: get_model(name, batch_norm=bn, **BN_CHOICE_MODELS[name]) for bn in ("fct", "flax")}
+  assert get_model(name, **BN_CHOICE_MODELS[name]).batch_norm == "fct"
+  variables = _materialize(models["flax"], x)
+  assert (jax.tree_util.tree_structure(jax.eval_shape(lambda: models["fct"].init(jax.random.key(0), x)))
           == jax.tree_util.tree_structure(variables))
-  outs = {bn: m.apply(variables, x, train=True, mutable=["batch_stats"])[0]["logits"] for bn, m in models.items()}
-  np.testing.assert_allclose(outs["fct"], outs["flax"], rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match="unknown batch_norm 'sync'"):
-    get_model("resnet18", num_classes=2, batch_norm="sync", **TINY["resnet18"]).init(jax.random.key(0), x)
+  train = {bn: (lambda v, x, m=m: m.apply(v, x, train=True, mutable=["batch_stats"])) for bn, m in models.items()}
+  # Every BatchNorm layer of the "fct" network is ours (one custom-gradient call each), none of the "flax" one's.
+  num_bn = len(jax.tree_util.tree_leaves(variables["batch_stats"])) // 2
+  assert [str(jax.make_jaxpr(train[bn])(variables, x)).count("custom_vjp_call") for bn in ("fct", "flax")] == [num_bn, 0]
+  runs = {bn: jax.jit(f)(variables, x) for bn, f in train.items()}
+  for a, b in zip(jax.tree_util.tree_leaves(runs["fct"]), jax.tree_util.tree_leaves(runs["flax"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown batch_norm 'sync'; valid: fct, flax"):
+    jax.eval_shape(lambda: get_model(name, batch_norm="sync", **BN_CHOICE_MODELS[name]).init(jax.random.key(0), x))
 
 
 def test_batchnorm_statistics_are_global_when_sharded():

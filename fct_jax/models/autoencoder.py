@@ -10,6 +10,7 @@ The bottleneck projection's width depends on the input resolution (a flattened h
 tied to the image size it was initialised with.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -39,6 +40,7 @@ class Autoencoder(nn.Module):
     width_mult: channel multiplier.
     last_nonlin: ReLU on the side-information vector (off by default: an autoencoder code is signed).
     norm_feature: L2-normalise the side-information vector (the decoder sees the same vector).
+    batch_norm: "fct" (closed-form gradient) or "flax"; the same variables and function (see ResNet).
     dtype: compute dtype; parameters float32.
   """
   embedding_dim: int = 128
@@ -47,6 +49,7 @@ class Autoencoder(nn.Module):
   width_mult: float = 1.0
   last_nonlin: bool = False
   norm_feature: bool = False
+  batch_norm: str = "fct"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -74,11 +77,13 @@ class Autoencoder(nn.Module):
 
     out = {}
     y = x.astype(self.dtype)
-    y = ConvBNReLU6(make_divisible(32 * self.width_mult), strides=2, dtype=self.dtype, name="enc_stem")(y, train)
+    block = functools.partial(InvertedResidual, batch_norm=self.batch_norm, dtype=self.dtype)
+    y = ConvBNReLU6(make_divisible(32 * self.width_mult), strides=2, batch_norm=self.batch_norm, dtype=self.dtype,
+                    name="enc_stem")(y, train)
     for i, (t, c, n, s) in enumerate(self.settings):
       for j in range(n):
-        y = InvertedResidual(make_divisible(c * self.width_mult), strides=s if j == 0 else 1, expand_ratio=t,
-                             dtype=self.dtype, name=f"enc{i}_{j}")(y, train)
+        y = block(make_divisible(c * self.width_mult), strides=s if j == 0 else 1, expand_ratio=t,
+                  name=f"enc{i}_{j}")(y, train)
     out["encoder_features"] = y
     fh, fw, fc = y.shape[1:]
     z = nn.Dense(self.embedding_dim, dtype=self.dtype, kernel_init=torch_default_init, name="enc_proj")(
@@ -101,7 +106,7 @@ class Autoencoder(nn.Module):
       if s == 2:
         y = _upsample2(y)
       for j in range(n):
-        y = InvertedResidual(widths[i], strides=1, expand_ratio=t, dtype=self.dtype, name=f"dec{i}_{j}")(y, train)
+        y = block(widths[i], strides=1, expand_ratio=t, name=f"dec{i}_{j}")(y, train)
     y = _upsample2(y)  # undo the stem's stride
     y = nn.Conv(3, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, kernel_init=conv_init, name="dec_out")(y)
     out["reconstruction"] = y.astype(jnp.float32)

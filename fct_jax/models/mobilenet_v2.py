@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fct_jax.losses import l2_normalize
+from fct_jax.models.batch_norm import batch_norm_layer
 from fct_jax.models.heads import make_classifier
 
 _BN_MOMENTUM = 0.9  # PyTorch momentum 0.1.
@@ -36,18 +37,20 @@ def make_divisible(v: float, divisor: int = 8) -> int:
   return rounded + divisor if rounded < 0.9 * v else rounded
 
 
-def _norm(train: bool, dtype: Any, name: str):
+def _norm(kind: str, train: bool, dtype: Any, name: str):
   # No axis_name: under one jit with a batch sharded on 'data' the statistics are already global.
-  return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=dtype, name=name)
+  return batch_norm_layer(kind, use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, dtype=dtype,
+                          name=name)()
 
 
 class ConvBNReLU6(nn.Module):
-  """Conv (no bias) + BatchNorm + optional ReLU6."""
+  """Conv (no bias) + BatchNorm (``batch_norm``: "fct" or "flax", see ResNet) + optional ReLU6."""
   features: int
   kernel: int = 3
   strides: int = 1
   groups: int = 1
   activation: bool = True
+  batch_norm: str = "fct"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -56,7 +59,7 @@ class ConvBNReLU6(nn.Module):
     x = nn.Conv(self.features, (self.kernel, self.kernel), (self.strides, self.strides), padding=((p, p), (p, p)),
                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype, kernel_init=conv_init,
                 name="conv")(x)
-    x = _norm(train, self.dtype, "bn")(x)
+    x = _norm(self.batch_norm, train, self.dtype, "bn")(x)
     return nn.relu6(x) if self.activation else x
 
 
@@ -67,21 +70,24 @@ class InvertedResidual(nn.Module):
     features: output channels.
     strides: depthwise stride.
     expand_ratio: hidden width = round(in_channels · expand_ratio); 1 skips the expansion conv.
+    batch_norm: "fct" or "flax" (see ResNet).
   """
   features: int
   strides: int = 1
   expand_ratio: int = 6
+  batch_norm: str = "fct"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     in_ch = x.shape[-1]
     hidden = int(round(in_ch * self.expand_ratio))
+    conv_bn = functools.partial(ConvBNReLU6, batch_norm=self.batch_norm, dtype=self.dtype)
     y = x
     if self.expand_ratio != 1:
-      y = ConvBNReLU6(hidden, kernel=1, dtype=self.dtype, name="expand")(y, train)
-    y = ConvBNReLU6(hidden, kernel=3, strides=self.strides, groups=hidden, dtype=self.dtype, name="depthwise")(y, train)
-    y = ConvBNReLU6(self.features, kernel=1, activation=False, dtype=self.dtype, name="project")(y, train)
+      y = conv_bn(hidden, kernel=1, name="expand")(y, train)
+    y = conv_bn(hidden, kernel=3, strides=self.strides, groups=hidden, name="depthwise")(y, train)
+    y = conv_bn(self.features, kernel=1, activation=False, name="project")(y, train)
     if self.strides == 1 and in_ch == self.features:
       y = y + x
     return y
@@ -100,6 +106,7 @@ class MobileNetV2(nn.Module):
     cifar_stem: stride-1 stem conv for 32×32 inputs (our addition, like the ResNets').
     head: "linear" or "arcface".
     classifier_bias: torchvision's biased classifier (parameter-count tests only).
+    batch_norm: "fct" (closed-form gradient) or "flax"; the same variables and function (see ResNet).
     dtype: compute dtype; parameters float32.
   """
   num_classes: int = 1000
@@ -111,6 +118,7 @@ class MobileNetV2(nn.Module):
   cifar_stem: bool = False
   head: str = "linear"
   classifier_bias: bool = False
+  batch_norm: str = "fct"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -125,11 +133,12 @@ class MobileNetV2(nn.Module):
       dict with ``stem``, ``stage{i}`` (output of each settings row), ``features`` (the final 1×1 conv's map),
       ``embedding`` [B, embedding_dim] float32 and ``logits`` [B, num_classes] float32 when num_classes > 0.
     """
-    block = functools.partial(InvertedResidual, dtype=self.dtype)
+    block = functools.partial(InvertedResidual, batch_norm=self.batch_norm, dtype=self.dtype)
+    conv_bn = functools.partial(ConvBNReLU6, batch_norm=self.batch_norm, dtype=self.dtype)
     out = {}
     x = x.astype(self.dtype)
     stem_ch = make_divisible(32 * self.width_mult)
-    x = ConvBNReLU6(stem_ch, kernel=3, strides=1 if self.cifar_stem else 2, dtype=self.dtype, name="stem")(x, train)
+    x = conv_bn(stem_ch, kernel=3, strides=1 if self.cifar_stem else 2, name="stem")(x, train)
     out["stem"] = x
     for i, (t, c, n, s) in enumerate(self.settings):
       ch = make_divisible(c * self.width_mult)
@@ -137,7 +146,7 @@ class MobileNetV2(nn.Module):
         x = block(ch, strides=s if j == 0 else 1, expand_ratio=t, name=f"stage{i}_{j}")(x, train)
       out[f"stage{i}"] = x
     embedding_dim = self.embedding_dim or make_divisible(1280 * max(1.0, self.width_mult))
-    x = ConvBNReLU6(embedding_dim, kernel=1, activation=self.last_nonlin, dtype=self.dtype, name="last_conv")(x, train)
+    x = conv_bn(embedding_dim, kernel=1, activation=self.last_nonlin, name="last_conv")(x, train)
     out["features"] = x
     emb = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.norm_feature:

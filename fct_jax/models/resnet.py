@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fct_jax.losses import l2_normalize
-from fct_jax.models.batch_norm import BatchNorm
+from fct_jax.models.batch_norm import batch_norm_layer
 from fct_jax.models.heads import make_classifier, torch_default_init
 
 # BatchNorm as in PyTorch: momentum 0.1 there is 0.9 here (Flax weights the *old* statistics), eps 1e-5.
@@ -158,14 +158,8 @@ class ResNet(nn.Module):
       raise ValueError(f"unknown block {self.block!r}; valid blocks: basic, bottleneck")
     # ml-fct: no explicit init, so PyTorch's defaults: convs U(±1/√fan_in), BN γ=1, β=0.
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=torch_default_init)
-    if self.batch_norm == "flax":
-      norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
-                               dtype=self.dtype)
-    elif self.batch_norm == "fct":
-      norm = functools.partial(BatchNorm, use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
-                               dtype=self.dtype)
-    else:
-      raise ValueError(f"unknown batch_norm {self.batch_norm!r}; valid: fct, flax")
+    norm = batch_norm_layer(self.batch_norm, use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPS,
+                            dtype=self.dtype)
     final_planes = self.width * 2 ** (len(self.stage_sizes) - 1)
     embedding_dim = self.embedding_dim or final_planes * expansion
 
