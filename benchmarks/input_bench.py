@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from benchmarks.bench_io import write_json  # noqa: E402
 
 
 def synthetic_jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:
@@ -85,6 +86,8 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--out", default="")
   args = p.parse_args()
+  if args.num_images < args.batch:
+    p.error(f"--num-images {args.num_images} is less than one --batch ({args.batch}): the pipeline would time nothing")
 
   from fct_jax.data import augment, pipeline, tfds_source  # pylint: disable=g-import-not-at-top
 
@@ -121,9 +124,8 @@ def main():
   speedup = results["transform/draft"] / results["transform/full"]
   print(f"draft / full decode speed-up (train transform): {speedup:.2f}×")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"num_images": n, "jpeg_kb": jpeg_kb, "size": [args.height, args.width], "cpu_count": cores,
-                 "images_per_s": results}, f, indent=1)
+    write_json(args.out, {"num_images": n, "jpeg_kb": jpeg_kb, "size": [args.height, args.width], "cpu_count": cores,
+                          "images_per_s": results}, indent=1)
 
 
 if __name__ == "__main__":

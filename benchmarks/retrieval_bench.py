@@ -35,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks.bench_io import write_json  # noqa: E402
+
 
 def make_data(n: int, d: int, seed: int = 0, per_class: int = 50):
   rng = np.random.default_rng(seed)
@@ -379,9 +381,7 @@ def main():
           "compilation; each peer in its own process", flush=True)
     result = {"mode": "cpu", **meta, "rows": cpu_main(args, ks)}
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

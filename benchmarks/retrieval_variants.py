@@ -11,7 +11,6 @@ HLO of some variants (to read the fusions they became).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from benchmarks.retrieval_bench import best_of, make_data  # noqa: E402
+from benchmarks.bench_io import write_json  # noqa: E402
 
 
 def _parse():
@@ -137,9 +137,7 @@ def main():
       out[f"matmul_floor_{block}"] = {"error": f"{type(e).__name__}: {e}"[:500]}
       print(f"matmul floor (B={block}): {e}", flush=True)
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    write_json(args.out, out, indent=1)
 
 
 if __name__ == "__main__":

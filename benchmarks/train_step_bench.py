@@ -20,7 +20,6 @@ tensorflow, grain or ml_collections.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+
+from benchmarks.bench_io import write_json  # noqa: E402
 
 from fct_jax.models import get_model  # noqa: E402
 
@@ -265,9 +266,7 @@ def main():
     result["ratio_jax_over_torch"] = j["images_per_s"] / t["images_per_s"]
     print(f"ratio jax/torch: {result['ratio_jax_over_torch']:.2f}x")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

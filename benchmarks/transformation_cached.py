@@ -58,6 +58,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.bench_io import write_json  # noqa: E402
+
 from configs import imagenet  # noqa: E402
 from fct_jax import checkpoint, optim, sharding, train_lib  # noqa: E402
 from fct_jax.gallery import cost  # noqa: E402
@@ -398,9 +400,7 @@ def paper_scale(args):
           f"epoch than online (FLOPs per image {pbr['flops_per_image_ratio_online_over_cached']:.0f}×); break-even "
           f"{pbr['break_even_epochs']:.2f} epochs, {epochs:g}-epoch schedule {pbr['schedule_speedup']:.1f}× cheaper")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=2)
+    write_json(args.out, out)
   return out
 
 
@@ -479,9 +479,7 @@ def main():
     r = res[k]
     print(f"{k}: CMC top-1 {r['cmc_top1']:.1f}  top-5 {r['cmc_top5']:.1f}  mAP {r['mAP']:.1f}")
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=2)
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

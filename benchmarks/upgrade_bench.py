@@ -33,6 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.bench_io import write_json  # noqa: E402
+
 from fct_jax.gallery import store as store_lib  # noqa: E402
 from fct_jax.gallery import upgrade as upgrade_lib  # noqa: E402
 from fct_jax.models.transformation import FCTTransformation  # noqa: E402
@@ -192,9 +194,7 @@ def main():
     print(json.dumps({"ratios": ratios, "fraction_of_target": result["fraction_of_target"],
                       "achieved_gflops_compute": result["achieved_gflops_compute"]}, indent=1))
     if args.out:
-      with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
-      print("wrote", args.out)
+      write_json(args.out, result)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
