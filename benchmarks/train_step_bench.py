@@ -38,6 +38,7 @@ import optax  # noqa: E402
 from benchmarks.bench_io import write_json  # noqa: E402
 
 from fct_jax.models import get_model  # noqa: E402
+from fct_jax.models.batch_norm import BATCH_NORMS  # noqa: E402
 
 # ml-fct's momentum, weight decay and label smoothing; a small fixed learning rate keeps hundreds of steps on one
 # synthetic batch finite (the value does not change the work done).
@@ -55,7 +56,7 @@ def _parse():
   p.add_argument("--steps", type=int, default=50, help="timed steps")
   p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, autotuning)")
   p.add_argument("--repeats", type=int, default=3, help="timed windows; the best is reported")
-  p.add_argument("--batch_norm", default="", choices=["", "fct", "flax"],
+  p.add_argument("--batch_norm", default="", choices=("",) + BATCH_NORMS,
                  help="BatchNorm of the ResNets and MobileNetV2: fct or flax (default: the model's, fct)")
   p.add_argument("--profile", type=int, default=0,
                  help="trace this many more JAX steps with jax.profiler and print the device time per op")
@@ -64,8 +65,8 @@ def _parse():
   p.add_argument("--torch", action="store_true", help="also time the same step in PyTorch (eager, autocast)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args()
-  if args.batch_norm and not args.model.startswith(("resnet", "wide_resnet", "mobilenet")):
-    p.error(f"--batch_norm applies to the ResNets and MobileNetV2, not {args.model}")
+  if args.batch_norm and not hasattr(get_model(args.model, num_classes=args.num_classes), "batch_norm"):
+    p.error(f"--batch_norm applies to the models with a batch_norm choice (ResNets, MobileNetV2), not {args.model}")
   if args.torch and args.model != "resnet50":
     p.error(f"--torch times ResNet-50 only (its torch network is built here), not {args.model}")
   return args

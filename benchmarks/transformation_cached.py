@@ -180,8 +180,7 @@ def _real_step(cfg, task, num_examples, batch):
 def _flops(lowered):
   """FLOPs from XLA's cost analysis of the lowered (unoptimised) HLO, as the paper-scale results record them
   (`cost.xla_flops`, used for the demo-workdir mode, counts the compiled HLO)."""
-  analysis = lowered.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
+  return cost.flops_of(lowered.cost_analysis())
 
 
 def _abstract(tree):

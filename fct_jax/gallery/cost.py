@@ -29,7 +29,11 @@ from fct_jax.gallery import store as store_lib
 
 def xla_flops(fn, *args) -> float:
   """Flops per call of ``jax.jit(fn)(*args)`` from XLA's cost analysis (args may be ShapeDtypeStructs)."""
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return flops_of(jax.jit(fn).lower(*args).compile().cost_analysis())
+
+
+def flops_of(analysis) -> float:
+  """The flops of a ``cost_analysis()`` result (of a compiled or a lowered computation)."""
   if isinstance(analysis, (list, tuple)):  # older jax returns one dict per computation
     analysis = analysis[0] if analysis else {}
   flops = (analysis or {}).get("flops")

@@ -51,7 +51,7 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     """h(φ_old, ψ) of the eval images with the transformation ``stage``; ψ computed once per side-info model."""
     if stage not in transformed:
       h, tcfg, side = transformation.load_h(ctx, stage, cfg.name, side_cache=side_models)
-      key = side.stage or f"none{side.dim}"
+      key = side.key
       if key not in psi_cache:
         psi_cache[key] = (side, side.embed(source, batch_size=bs, mesh=ctx.mesh,
                                               transform=common.eval_transform(cfg)))

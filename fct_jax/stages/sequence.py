@@ -68,10 +68,9 @@ def run(cfg, stage_dir: str, ctx: common.Context):
 
   def psi_of(side):
     """ψ of the eval images computed from the images by ``side`` (once per side-information model)."""
-    key = side.stage or f"none{side.dim}"
-    if key not in psi_cache:
-      psi_cache[key] = side.embed(source, batch_size=bs, mesh=ctx.mesh, transform=common.eval_transform(cfg))
-    return psi_cache[key]
+    if side.key not in psi_cache:
+      psi_cache[side.key] = side.embed(source, batch_size=bs, mesh=ctx.mesh, transform=common.eval_transform(cfg))
+    return psi_cache[side.key]
 
   def side_target(stage):
     """ψ_{i+1} of the eval images from side-info stage ``stage`` (a g's target)."""

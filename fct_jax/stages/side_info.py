@@ -276,6 +276,11 @@ class SideInfo:
   variables: Any
   stage: str = ""
 
+  @property
+  def key(self) -> str:
+    """Names the ψ this model computes (its stage, or ``none<dim>``): callers cache ψ of images under it."""
+    return self.stage or f"none{self.dim}"
+
   def embed(self, source, *, batch_size: int, mesh=None, transform=None) -> np.ndarray:
     """ψ [N, dim] of every image of ``source`` in order, with the evaluation ``transform`` (default: the demo's)."""
     if self.method == "none":
