@@ -9,6 +9,7 @@ Run on a GPU machine (peers side by side, one process, ratio printed and written
 
   python benchmarks/train_step_bench.py --torch --out resnet50_step.json
   python benchmarks/train_step_bench.py --batch_norm flax --profile 5   # Flax's BatchNorm; device time per kernel
+  python benchmarks/train_step_bench.py --stem_conv space_to_depth      # the stem conv as a space-to-depth 4×4 conv
   python benchmarks/train_step_bench.py --xla_flags="--xla_gpu_triton_gemm_any=true"   # a compiler option (note the =)
 
 Smoke test on a CPU::
@@ -39,6 +40,7 @@ from benchmarks.bench_io import write_json  # noqa: E402
 
 from fct_jax.models import get_model  # noqa: E402
 from fct_jax.models.batch_norm import BATCH_NORMS  # noqa: E402
+from fct_jax.models.resnet import STEM_CONVS  # noqa: E402
 
 # ml-fct's momentum, weight decay and label smoothing; a small fixed learning rate keeps hundreds of steps on one
 # synthetic batch finite (the value does not change the work done).
@@ -58,6 +60,8 @@ def _parse():
   p.add_argument("--repeats", type=int, default=3, help="timed windows; the best is reported")
   p.add_argument("--batch_norm", default="", choices=("",) + BATCH_NORMS,
                  help="BatchNorm of the ResNets and MobileNetV2: fct or flax (default: the model's, fct)")
+  p.add_argument("--stem_conv", default="", choices=("",) + STEM_CONVS,
+                 help="how the ResNets compute the 7×7 stem conv (default: the model's, direct)")
   p.add_argument("--profile", type=int, default=0,
                  help="trace this many more JAX steps with jax.profiler and print the device time per op")
   p.add_argument("--xla_flags", default="",
@@ -65,8 +69,10 @@ def _parse():
   p.add_argument("--torch", action="store_true", help="also time the same step in PyTorch (eager, autocast)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args()
-  if args.batch_norm and not hasattr(get_model(args.model, num_classes=args.num_classes), "batch_norm"):
-    p.error(f"--batch_norm applies to the models with a batch_norm choice (ResNets, MobileNetV2), not {args.model}")
+  model = get_model(args.model, num_classes=args.num_classes)
+  for option, models in (("batch_norm", "ResNets, MobileNetV2"), ("stem_conv", "ResNets")):
+    if getattr(args, option) and not hasattr(model, option):
+      p.error(f"--{option} applies to the models with a {option} choice ({models}), not {args.model}")
   if args.torch and args.model != "resnet50":
     p.error(f"--torch times ResNet-50 only (its torch network is built here), not {args.model}")
   return args
@@ -76,7 +82,7 @@ def _parse():
 
 def bench_jax(args):
   dtype = jnp.dtype(args.dtype)
-  extra = {"batch_norm": args.batch_norm} if args.batch_norm else {}
+  extra = {k: getattr(args, k) for k in ("batch_norm", "stem_conv") if getattr(args, k)}
   model = get_model(args.model, num_classes=args.num_classes, embedding_dim=args.embedding_dim or None, dtype=dtype,
                     **extra)
   tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))

@@ -26,13 +26,16 @@ def test_train_step_bench(tmp_path):
   dump = tmp_path / "xla_dump"
   result, _ = _run(tmp_path, "train_step_bench.py", "--model", "resnet18", "--batch", "2", "--image_size", "32",
                    "--steps", "1", "--warmup", "1", "--repeats", "1", "--batch_norm", "flax",
+                   "--stem_conv", "space_to_depth",
                    f"--xla_flags=--xla_dump_to={dump}")
   j = result["jax"]
   assert j["num_params"] == 11_688_512  # torchvision's ResNet-18 (11,689,512) less the classifier's 1,000 biases
   assert j["images_per_s"] > 0 and math.isfinite(j["final_loss"])
-  assert result["config"]["batch_norm"] == "flax"
   # --xla_flags reached XLA before its backend started: the dump folder it names was written.
   assert f"--xla_dump_to={dump}" in result["xla_flags"] and any(dump.iterdir())
+  # --stem_conv reached the model: the step's stem is a 4×4 conv, and no 7×7 conv is left.
+  step_hlo = "".join(p.read_text() for p in dump.glob("*jit__step*before_optimizations.txt"))
+  assert "size=4x4" in step_hlo and "size=7x7" not in step_hlo
 
 
 def test_train_step_bench_refuses_torch_for_other_models(tmp_path):

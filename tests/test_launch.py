@@ -48,9 +48,10 @@ def test_gpu_checks_passes_each_train_variant_as_written(tmp_path):
                      capture_output=True, text=True, timeout=60)
   assert p.returncode == 0, p.stderr
   calls = [c for c in p.stdout.split("END\n") if "ARG[benchmarks/train_step_bench.py]" in c]
-  assert len(calls) == 7, p.stdout
-  assert "ARG[--xla_flags=--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2]" in calls[3]
-  assert "ARG[--xla_flags=--xla_gpu_enable_command_buffer=]" in calls[0]
-  assert "ARG[--model]\nARG[mobilenet_v2]\nARG[--batch_norm]\nARG[flax]" in calls[5]
+  assert len(calls) == 8, p.stdout
+  assert "ARG[--stem_conv]\nARG[space_to_depth]" in calls[0]
+  assert "ARG[--xla_flags=--xla_gpu_enable_command_buffer=]" in calls[1]
+  assert "ARG[--xla_flags=--xla_gpu_triton_gemm_any=true --xla_gpu_cudnn_gemm_fusion_level=2]" in calls[4]
+  assert "ARG[--model]\nARG[mobilenet_v2]\nARG[--batch_norm]\nARG[flax]" in calls[6]
   for i, call in enumerate(calls):
     assert f"ARG[{tmp_path / 'out'}/train_step_variant{i}.json]" in call

@@ -6,6 +6,7 @@ Everything that runs uses tiny widths and 16×16 images.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fct_jax import losses
 from fct_jax.models import HEADS, MODELS, get_head, get_model
-from fct_jax.models.heads import ArcFaceHead, SimCLRProjection
+from fct_jax.models.heads import ArcFaceHead, SimCLRProjection, torch_default_init
+from fct_jax.models.resnet import SpaceToDepthStem
 
 B, HW = 8, 16  # one image per simulated device
 
@@ -169,6 +171,42 @@ def test_imagenet_stem_norm_feature_and_no_classifier():
   assert out["stem"].shape == (2, 8, 8, 4) and out["layer4"].shape == (2, 1, 1, EMB)
   np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=-1), 1.0, rtol=1e-5)
   assert np.any(np.asarray(out["layer4"]) < 0)  # last_nonlin=False: no ReLU on the embedding block
+
+
+@pytest.mark.parametrize("hw,channels", [(16, 3), (17, 5)])
+def test_space_to_depth_stem_is_the_direct_stem(hw, channels):
+  """SpaceToDepthStem is nn.Conv's 7×7 stride-2 conv with PyTorch's padding: the same initial kernel, outputs and
+  gradients (kernel and input) to float32 rounding, for odd image sizes and channels that are not a multiple of 4."""
+  direct = nn.Conv(6, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, kernel_init=torch_default_init)
+  s2d = SpaceToDepthStem(6, torch_default_init)
+  x = _images(2, hw)[..., :1].repeat(channels, -1) + jnp.arange(channels) / 7.0
+  variables = direct.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(s2d.init(jax.random.key(0), x)["params"]["kernel"], variables["params"]["kernel"])
+  cotangent = jax.random.normal(jax.random.key(2), (2, (hw + 1) // 2, (hw + 1) // 2, 6))
+
+  @jax.jit
+  def value_and_vjp(variables, x):
+    return [(lambda out, f: (out, f(cotangent)))(*jax.vjp(m.apply, variables, x)) for m in (direct, s2d)]
+  ours, reference = value_and_vjp(variables, x)
+  for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_stem_conv_choice():
+  """stem_conv="space_to_depth" gives the same network (variables and outputs) as the default "direct"; an unknown
+  choice is refused."""
+  kw = dict(num_classes=NUM_CLASSES, embedding_dim=EMB, width=4, stage_sizes=(1, 1, 1, 1))
+  direct, s2d = get_model("resnet18", **kw), get_model("resnet18", stem_conv="space_to_depth", **kw)
+  assert direct.stem_conv == "direct"
+  x = _images(2, 32)
+  variables = _materialize(direct, x)
+  assert (jax.tree_util.tree_structure(jax.eval_shape(lambda: s2d.init(jax.random.key(0), x)))
+          == jax.tree_util.tree_structure(variables))
+  np.testing.assert_allclose(s2d.apply(variables, x)["logits"], direct.apply(variables, x)["logits"],
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown stem_conv 's2d'; valid: direct, space_to_depth"):
+    jax.eval_shape(lambda: get_model("resnet18", stem_conv="s2d", **kw).init(jax.random.key(0), x))
 
 
 def test_arcface_head():
