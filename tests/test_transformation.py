@@ -190,24 +190,32 @@ def test_load_h_reads_widths_from_configs_not_checkpoints(seq_run):
   assert "\n" not in str(e.value)
 
 
-def test_sequence_evaluation_loads_each_side_info_once(seq_run, tmp_path, monkeypatch):
+def test_sequence_evaluation_loads_each_side_info_once_and_shares_hops(seq_run, tmp_path, monkeypatch):
   """The sequence evaluation loads 4 transformations over 2 ψ models (h2, g2, h13 over side1; h3 over side2):
-  each ψ checkpoint is read once, and the results are the plan's."""
+  each ψ checkpoint is read once; rows that start with the same hop (v2/h2(v1) and v3/h3(h2(v1)), and their
+  [none] twins) apply it once; and the results are the plan's."""
   wd, _ = seq_run
   for stage in demo_sequence.get_config("runlocal").plan:
     if stage != "eval":
       os.symlink(os.path.join(wd, stage), tmp_path / stage)
-  loads = []
-  real_load = transformation.side_info.load
+  loads, applied = [], []
+  real_load, real_load_h = transformation.side_info.load, transformation.load_h
   monkeypatch.setattr(transformation.side_info, "load", lambda ctx, stage, by: loads.append(stage) or
                       real_load(ctx, stage, by))
+
+  def counting_load_h(ctx, stage, *args, **kwargs):
+    fn, *rest = real_load_h(ctx, stage, *args, **kwargs)
+    return (lambda phi, psi: applied.append(stage) or fn(phi, psi)), *rest
+  monkeypatch.setattr(transformation, "load_h", counting_load_h)
   os.makedirs(tmp_path / "eval")
   from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
   assert sequence.run(_stage_cfg("eval"), str(tmp_path / "eval"), common.Context(workdir=str(tmp_path)))
   assert sorted(loads) == ["side1", "side2"]
-  got = json.load(open(tmp_path / "results.json"))["cases"]
-  want = json.load(open(os.path.join(wd, "results.json")))["cases"]
-  assert got == want
+  # 11 hop applications over the 8 rows; h2 and h2_none are shared. h3 runs twice: on v2 and on h2(v1).
+  assert sorted(applied) == sorted(["h2", "h3", "g2", "h3", "h13", "h2_none", "h3_none", "h3_none", "h13_none"])
+  got = json.load(open(tmp_path / "results.json"))
+  want = json.load(open(os.path.join(wd, "results.json")))
+  assert got["cases"] == want["cases"] and got["hop_errors"] == want["hop_errors"]
 
 
 def test_sequence_hop_errors(seq_run):

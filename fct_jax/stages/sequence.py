@@ -78,6 +78,24 @@ def run(cfg, stage_dir: str, ctx: common.Context):
       side_models[stage] = side_info.load(ctx, stage, cfg.name)
     return psi_of(side_models[stage])
 
+  applied = {}
+
+  def apply(state, stage, role, row, phi, psi):
+    """Transformation ``stage`` (role "h" or "g") on (φ, ψ), and its relative error to its target.
+
+    ``state`` names (φ, ψ): the stored vectors the row started from and the hops applied to them so far. Rows of a
+    sequence share their first hops (v3/h3(h2(v1)) and v4/h4(h3(h2(v1))) both start with h2 on φ_1, ψ_1), so each
+    application is computed once.
+    """
+    fn, tcfg, _ = load(stage, role, row)
+    if (state, stage) not in applied:
+      out = fn(phi, psi)
+      if role == "h":
+        common.check_finite_embeddings(out, f"row {row!r} after hop {len(state[1]) + 1}")
+      target = backbone(tcfg.new) if role == "h" else side_target(tcfg.new)
+      applied[state, stage] = out, relative_squared_error(out, target)
+    return applied[state, stage]
+
   gallery = {}
   for stage in cfg.backbones:
     gallery[stage] = backbone(stage)
@@ -95,21 +113,17 @@ def run(cfg, stage_dir: str, ctx: common.Context):
     phi, psi = backbone(first_cfg.old), psi_of(first_side)  # φ_1, ψ_1 as stored at v1 time
     errors = hop_errors[row.name] = []
     for i, (h_stage, g_stage) in enumerate(hops):
-      h, tcfg, _ = load(h_stage, "h", row.name)
+      _, tcfg, _ = load(h_stage, "h", row.name)
       if psi is None:
         if int(tcfg.side_info.dim) > 0:
           raise FCTError(f"stage {cfg.name!r}: row {row.name!r}: {h_stage!r} takes side-information but the "
                          f"previous hop has no g stage to carry ψ forward")
         psi = np.zeros((len(phi), 0), np.float32)
-      new_psi = None
-      if g_stage:
-        g, gcfg, _ = load(g_stage, "g", row.name)
-        new_psi = g(phi, psi)
-      phi, psi = h(phi, psi), new_psi
-      common.check_finite_embeddings(phi, f"row {row.name!r} after hop {i + 1}")
-      errors.append({"h": h_stage, "phi_rel_sq_err": relative_squared_error(phi, backbone(tcfg.new)),
-                     "g": g_stage or "",
-                     "psi_rel_sq_err": relative_squared_error(psi, side_target(gcfg.new)) if g_stage else None})
+      state = ((first_cfg.old, first_side.key), tuple(tuple(hop) for hop in hops[:i]))
+      new_psi, psi_err = apply(state, g_stage, "g", row.name, phi, psi) if g_stage else (None, None)
+      phi, phi_err = apply(state, h_stage, "h", row.name, phi, psi)
+      psi = new_psi
+      errors.append({"h": h_stage, "phi_rel_sq_err": phi_err, "g": g_stage or "", "psi_rel_sq_err": psi_err})
     gallery[gname] = phi
     gallery.setdefault(row.query, backbone(row.query))
     cases.append((row.query, gname))
