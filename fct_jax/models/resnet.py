@@ -41,10 +41,10 @@ class SpaceToDepthStem(nn.Module):
 
   Why: a 3-channel input fits tensor cores badly. In an H100 profile of the ResNet-50 step (batch 256, bf16), the
   kernels that fit the direct stem conv — cuDNN padding the image to 8 channels, then an sm80-era "align8" kernel —
-  took ~2 ms of the 44 ms step. Here the image, padded to an even size
-  and to 4 channels, becomes [B, H/2, W/2, 16], and the 7×7×3 kernel, zero-padded to 8×8×4, becomes 4×4×16: a
-  conv with 16 input channels and K = 256 multiply-adds per output (cuDNN's padded 7×7×8 does 392). The idea is
-  MLPerf's ResNet-50 stem on TPUs; the rearrangement is exact (only the summation order differs).
+  took ~2 ms of the 44 ms step. Here the image, padded by 3 (to an even size) and to 4 channels, becomes
+  [B, ⌈H/2⌉ + 3, ⌈W/2⌉ + 3, 16], and the 7×7×3 kernel, zero-padded to 8×8×4, becomes 4×4×16: a conv with 16 input
+  channels and K = 256 multiply-adds per output (cuDNN's padded 7×7×8 does 392). The idea is MLPerf's ResNet-50
+  stem on TPUs; the rearrangement is exact (only the summation order differs).
 
   Attributes:
     features: output channels.
