@@ -42,6 +42,9 @@ from fct_jax.models import get_model  # noqa: E402
 from fct_jax.models.batch_norm import BATCH_NORMS  # noqa: E402
 from fct_jax.models.resnet import STEM_CONVS  # noqa: E402
 
+# Model fields the command line can set, and which models have them.
+MODEL_OPTIONS = {"batch_norm": "ResNets, MobileNetV2", "stem_conv": "ResNets"}
+
 # ml-fct's momentum, weight decay and label smoothing; a small fixed learning rate keeps hundreds of steps on one
 # synthetic batch finite (the value does not change the work done).
 LR, MOMENTUM, WEIGHT_DECAY, LABEL_SMOOTHING = 0.01, 0.875, 3.0517578125e-5, 0.1
@@ -69,9 +72,8 @@ def _parse():
   p.add_argument("--torch", action="store_true", help="also time the same step in PyTorch (eager, autocast)")
   p.add_argument("--out", default="", help="write the results as JSON here")
   args = p.parse_args()
-  model = get_model(args.model, num_classes=args.num_classes)
-  for option, models in (("batch_norm", "ResNets, MobileNetV2"), ("stem_conv", "ResNets")):
-    if getattr(args, option) and not hasattr(model, option):
+  for option, models in MODEL_OPTIONS.items():
+    if getattr(args, option) and not hasattr(get_model(args.model, num_classes=args.num_classes), option):
       p.error(f"--{option} applies to the models with a {option} choice ({models}), not {args.model}")
   if args.torch and args.model != "resnet50":
     p.error(f"--torch times ResNet-50 only (its torch network is built here), not {args.model}")
@@ -82,7 +84,7 @@ def _parse():
 
 def bench_jax(args):
   dtype = jnp.dtype(args.dtype)
-  extra = {k: getattr(args, k) for k in ("batch_norm", "stem_conv") if getattr(args, k)}
+  extra = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k)}
   model = get_model(args.model, num_classes=args.num_classes, embedding_dim=args.embedding_dim or None, dtype=dtype,
                     **extra)
   tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))

@@ -80,19 +80,21 @@ def run(cfg, stage_dir: str, ctx: common.Context):
 
   applied = {}
 
-  def apply(state, stage, role, row, phi, psi):
-    """Transformation ``stage`` (role "h" or "g") on (φ, ψ), and its relative error to its target.
+  def apply(state, stage, row, phi, psi):
+    """Loaded transformation ``stage`` (an h or a g) on (φ, ψ), and its relative error to its target.
 
     ``state`` names (φ, ψ): the stored vectors the row started from and the hops applied to them so far. Rows of a
     sequence share their first hops (v3/h3(h2(v1)) and v4/h4(h3(h2(v1))) both start with h2 on φ_1, ψ_1), so each
     application is computed once.
     """
-    fn, tcfg, _ = load(stage, role, row)
     if (state, stage) not in applied:
+      fn, tcfg, _ = hs[stage]
       out = fn(phi, psi)
-      if role == "h":
+      if kinds[stage] == "backbone":
         common.check_finite_embeddings(out, f"row {row!r} after hop {len(state[1]) + 1}")
-      target = backbone(tcfg.new) if role == "h" else side_target(tcfg.new)
+        target = backbone(tcfg.new)
+      else:
+        target = side_target(tcfg.new)
       applied[state, stage] = out, relative_squared_error(out, target)
     return applied[state, stage]
 
@@ -120,8 +122,11 @@ def run(cfg, stage_dir: str, ctx: common.Context):
                          f"previous hop has no g stage to carry ψ forward")
         psi = np.zeros((len(phi), 0), np.float32)
       state = ((first_cfg.old, first_side.key), tuple(tuple(hop) for hop in hops[:i]))
-      new_psi, psi_err = apply(state, g_stage, "g", row.name, phi, psi) if g_stage else (None, None)
-      phi, phi_err = apply(state, h_stage, "h", row.name, phi, psi)
+      new_psi, psi_err = None, None
+      if g_stage:
+        load(g_stage, "g", row.name)  # a one-line error unless its target is side-information
+        new_psi, psi_err = apply(state, g_stage, row.name, phi, psi)
+      phi, phi_err = apply(state, h_stage, row.name, phi, psi)
       psi = new_psi
       errors.append({"h": h_stage, "phi_rel_sq_err": phi_err, "g": g_stage or "", "psi_rel_sq_err": psi_err})
     gallery[gname] = phi
