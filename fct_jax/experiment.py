@@ -10,6 +10,7 @@ directory whose ``config.json`` differs from the current stage config belongs to
 refused rather than overwritten; only bookkeeping fields (logging and checkpoint cadence) may change on resume.
 """
 
+import hashlib
 import json
 import math
 from typing import Optional
@@ -129,10 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
   for name, scfg in todo:
     _check_stage_config(name, scfg, checkpoint.join(workdir, name))
   sharding.barrier("fct_experiment_checked")  # every process checks before any process writes
-  if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  checkpoint.write_json(checkpoint.join(workdir, "experiment.json"), {"experiment": config.experiment})
-  sharding.barrier("fct_experiment_start")
+  _open_workdir(config, workdir)
 
   ctx = Context(workdir=workdir, mesh=mesh, stop_at_step=stop_at_step)
   ran = []
@@ -141,10 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
     if checkpoint.is_done(stage_dir):
       print(f"[{name}] finished earlier in {stage_dir}; skipping", flush=True)
       continue
-    if jax.process_index() == 0:
-      epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(checkpoint.join(stage_dir, "config.json"), scfg.to_dict())
-    sharding.barrier(f"fct_{name}_start")
+    _open_stage(name, scfg, stage_dir)
     print(f"[{name}] running stage kind {scfg.kind!r} in {stage_dir}", flush=True)
     finished = STAGE_KINDS[scfg.kind](scfg, stage_dir, ctx)
     if not finished:
@@ -154,6 +149,77 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
     sharding.barrier(f"fct_{name}_done")
     ran.append(name)
   return ran
+
+
+def _open_workdir(config, workdir: str):
+  """Creates the experiment workdir (if missing) and its ``experiment.json``; all processes return together."""
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  checkpoint.write_json(checkpoint.join(workdir, "experiment.json"), {"experiment": config.experiment})
+  sharding.barrier("fct_experiment_start")
+
+
+def _open_stage(name: str, scfg, stage_dir: str):
+  """Creates a stage directory with the ``config.json`` that built it; all processes return together."""
+  if jax.process_index() == 0:
+    epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
+  checkpoint.write_json(checkpoint.join(stage_dir, "config.json"), scfg.to_dict())
+  sharding.barrier(f"fct_{name}_start")
+
+
+IMPORTED = "imported.json"  # in a stage directory filled by import_stage: where its weights came from
+
+
+def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, prefix: Optional[str] = None,
+                 allow_unused: bool = False) -> dict:
+  """Fills the one selected stage from a PyTorch checkpoint instead of training it (:mod:`fct_jax.torch_import`).
+
+  The stage directory gets what training would leave (``config.json``, ``model/``, the finished marker) plus
+  ``imported.json`` (the file, its SHA-256, the tensors used and left out); later runs of the plan skip it and
+  read it like a trained stage. Everything is checked before anything is written: an unfinished or finished
+  stage directory is refused, as is a checkpoint that does not fit the stage config's model.
+
+  Args:
+    config: experiment config with one stage selected (``--config=...:stage=NAME``) or a single-stage config.
+    workdir: experiment directory (created if missing); a transformation stage needs its upstream stages there.
+    path: the checkpoint (TorchScript, ``torch.save`` zip or ``.npz``; see ``torch_import.read_state_dict``).
+    prefix: the model's tensor-name prefix in the checkpoint when it holds several models.
+    allow_unused: import even though some of the checkpoint's tensors have no place in the model.
+
+  Returns:
+    the ``imported.json`` record.
+  """
+  from fct_jax import torch_import  # pylint: disable=g-import-not-at-top  (only this command needs it)
+  todo = stage_configs(config)
+  if len(todo) != 1 or "stages" in config and not config.get("stage"):
+    raise FCTError("an import fills one stage: select it with --config=FILE:stage=NAME")
+  _validate_stages(todo)
+  if jax.process_count() > 1:
+    raise FCTError("run the import in a single process (it reads one file and writes one stage)")
+  (name, scfg), workdir = todo[0], checkpoint.abspath(workdir)
+  stage_dir = checkpoint.join(workdir, name)
+  _check_experiment(config, workdir)
+  if checkpoint.exists(stage_dir):
+    what = "finished" if checkpoint.is_done(stage_dir) else "started"
+    raise FCTError(f"stage {name!r} in {workdir} is {what} already ({stage_dir}); nothing was imported")
+  state = torch_import.read_state_dict(path)
+  variables, info = torch_import.stage_variables(name, scfg, Context(workdir=workdir), state, prefix=prefix,
+                                                 allow_unused=allow_unused)
+  record = {"source": checkpoint.abspath(path), "sha256": _sha256(path), **info}
+  _open_workdir(config, workdir)
+  _open_stage(name, scfg, stage_dir)
+  checkpoint.save_model(stage_dir, variables)
+  checkpoint.write_json(checkpoint.join(stage_dir, IMPORTED), record)
+  checkpoint.mark_done(stage_dir)
+  return record
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- dry run
@@ -234,6 +300,9 @@ def split_size(data_cfg, split: str):
 
 def _stage_state(stage_dir: str) -> str:
   if checkpoint.is_done(stage_dir):
+    imported = checkpoint.join(stage_dir, IMPORTED)
+    if checkpoint.exists(imported):
+      return f"finished: imported from {checkpoint.read_json(imported).get('source')} (skipped)"
     return "finished (skipped)"
   ckpts = epath.Path(stage_dir) / "checkpoints"
   if ckpts.is_dir() and any(ckpts.iterdir()):

@@ -3,6 +3,8 @@ r"""Command-line entry point.
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
   python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.train.epochs=3
   python -m fct_jax.main --config=configs/imagenet.py --workdir=/tmp/fct_imagenet --dry_run   # the plan only
+  python -m fct_jax.main --config=configs/imagenet.py:stage=side_info --workdir=/tmp/fct_imagenet \
+      --import_torch=imagenet_500_simclr.pt      # a stage from PyTorch weights (ml-fct's) instead of training
 
 ``--config`` takes a Python config file and an optional argument after ``:`` (``stage=NAME``, ``runlocal``;
 comma-separated). Any config field can be overridden with ``--config.FIELD=VALUE``. Errors in the user's input
@@ -25,6 +27,13 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                                  "Call jax.distributed.initialize(): auto = when a multi-host job is detected.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (stages, their state in --workdir, split sizes, "
                               "steps) without training, writing or reading data.")
+_IMPORT_TORCH = flags.DEFINE_string("import_torch", None, "Fill the selected stage (--config=FILE:stage=NAME) from "
+                                    "this PyTorch checkpoint (ml-fct's TorchScript .pt, a torch.save state dict, or "
+                                    ".npz) instead of training it; the next runs skip it.")
+_IMPORT_PREFIX = flags.DEFINE_string("import_prefix", None, "With --import_torch: the model's tensor-name prefix when "
+                                     "the checkpoint holds several models (e.g. 'old_model.model.').")
+_IMPORT_ALLOW_UNUSED = flags.DEFINE_bool("import_allow_unused", False, "With --import_torch: import even though some "
+                                         "of the checkpoint's tensors have no place in the stage's model.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,6 +77,13 @@ def main(argv):
   try:
     if _DRY_RUN.value:
       experiment.dry_run(config, _WORKDIR.value)
+      return
+    if _IMPORT_TORCH.value:
+      record = experiment.import_stage(config, _WORKDIR.value, _IMPORT_TORCH.value, prefix=_IMPORT_PREFIX.value,
+                                       allow_unused=_IMPORT_ALLOW_UNUSED.value)
+      unused = f"; left out: {', '.join(record['unused'])}" if record["unused"] else ""
+      print(f"imported {record['tensors_used']} tensors (prefix {record['prefix']!r}) from {record['source']} into "
+            f"{_WORKDIR.value}{unused}", flush=True)
       return
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
     experiment.run(config, _WORKDIR.value)
