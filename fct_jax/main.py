@@ -82,8 +82,9 @@ def main(argv):
       record = experiment.import_stage(config, _WORKDIR.value, _IMPORT_TORCH.value, prefix=_IMPORT_PREFIX.value,
                                        allow_unused=_IMPORT_ALLOW_UNUSED.value)
       unused = f"; left out: {', '.join(record['unused'])}" if record["unused"] else ""
+      note = f"; {record['note']}" if record["note"] else ""
       print(f"imported {record['tensors_used']} tensors (prefix {record['prefix']!r}) from {record['source']} into "
-            f"{_WORKDIR.value}{unused}", flush=True)
+            f"{_WORKDIR.value}{unused}{note}", flush=True)
       return
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
     experiment.run(config, _WORKDIR.value)

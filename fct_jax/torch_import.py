@@ -302,10 +302,12 @@ def stage_variables(name: str, cfg, ctx, state: Dict[str, np.ndarray], *, prefix
   loads wherever the stage is read); only the ResNet (backbone stages; side-information stages of the methods
   that use one) or the FCT MLP (transformation stages, whose widths come from the finished upstream stages in
   ``ctx.workdir``) is filled from ``state``. A SimCLR stage keeps no projection head (ψ is the encoder's
-  embedding), and a PyTorch classifier (``fc``) beside a model without one is left out.
+  embedding), and a PyTorch classifier (``fc``) beside a model without one is left out. A classifier wider than
+  the stage's classes (ml-fct's old models have one logit per *new* class) gives its first rows.
 
   Returns:
-    ``(variables, info)``: ``info`` has ``prefix``, ``tensors_used`` and ``unused`` (names).
+    ``(variables, info)``: ``info`` has ``prefix``, ``tensors_used``, ``unused`` (names) and ``note`` (what was
+    adapted, or ``""``).
   """
   kind = cfg.get("kind")
   if kind == "backbone":
@@ -337,12 +339,19 @@ def stage_variables(name: str, cfg, ctx, state: Dict[str, np.ndarray], *, prefix
   for attr in path:
     sub = {col: tree[attr] for col, tree in sub.items()}
   prefix = find_prefix(state, family, prefix)
-  dropped = []
+  dropped, note = [], ""
+  fc = {k: v for k, v in state.items() if k.startswith(prefix + "fc.")}
   if family == "resnet" and not resnet.num_classes:  # e.g. SimCLR's encoder: a classifier beside it is not used
-    dropped = [k for k in state if k.startswith(prefix + "fc.")]
-    state = {k: v for k, v in state.items() if k not in dropped}
+    dropped = sorted(fc)
+    state = {k: v for k, v in state.items() if k not in fc}
+  elif family == "resnet" and fc and min(np.shape(v)[0] for v in fc.values()) > resnet.num_classes:
+    # ml-fct: its old models' classifiers are as wide as the new class count (1000 for ImageNet-500); the old
+    # split's classes are the first ones of the same label order, so their rows are the first ones.
+    wide = np.shape(state[prefix + "fc.weight"])[0] if prefix + "fc.weight" in fc else None
+    state = {**state, **{k: v[:resnet.num_classes] for k, v in fc.items()}}
+    note = f"classifier: the first {resnet.num_classes} of the checkpoint's {wide} classes"
   filled, unused = to_flax(state, sub, family, prefix=prefix, allow_unused=allow_unused)
   for attr in reversed(path):
     filled = {col: {attr: tree} for col, tree in filled.items()}
   used = sum(1 for _ in jax.tree_util.tree_leaves(filled))
-  return filled, {"prefix": prefix, "tensors_used": used, "unused": dropped + unused}
+  return filled, {"prefix": prefix, "tensors_used": used, "unused": dropped + unused, "note": note}

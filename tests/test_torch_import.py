@@ -251,6 +251,22 @@ def test_import_refuses_without_writing(imported, tmp_path):
   assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written by a refused import
 
 
+def test_wider_classifier_gives_its_first_rows(tmp_path):
+  """ml-fct's old models have one logit per new class; the old stage keeps the rows of its own (first) classes."""
+  r18 = _state(FILES["old"])
+  wide = dict(r18, **{"model.fc.weight": np.concatenate([r18["model.fc.weight"], np.ones((3, 8, 1, 1), np.float32)])})
+  np.savez(tmp_path / "wide.npz", **wide)
+  record = experiment.import_stage(_experiment("old"), str(tmp_path / "wd"), str(tmp_path / "wide.npz"))
+  assert record["note"] == "classifier: the first 4 of the checkpoint's 7 classes"
+  from fct_jax.stages import common
+  module, variables, _ = common.load_backbone(common.Context(workdir=str(tmp_path / "wd")), "old", "test")
+  np.testing.assert_allclose(module.apply(variables, IMAGE)["logits"], IO["resnet18_logits"], atol=1e-5, rtol=1e-5)
+  narrow = dict(r18, **{"model.fc.weight": r18["model.fc.weight"][:3]})
+  np.savez(tmp_path / "narrow.npz", **narrow)
+  with pytest.raises(FCTError, match=r"model.fc.weight has shape \(3, 8, 1, 1\).*needs \(8, 4\)"):
+    experiment.import_stage(_experiment("old"), str(tmp_path / "wd2"), str(tmp_path / "narrow.npz"))
+
+
 def test_cli_imports_a_stage(tmp_path):
   config = tmp_path / "cfg.py"
   config.write_text(f"import sys\nsys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
