@@ -29,7 +29,21 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class Basic(nn.Module):
+class Residual(nn.Module):
+  """What both blocks share: a 1×1 conv + BN shortcut when the shape changes, the sum, the optional ReLU."""
+
+  def shortcut(self, cin, out_dim, stride, nonlin):
+    self.downsample = None
+    if stride != 1 or cin != out_dim:
+      self.downsample = nn.Sequential(nn.Conv2d(cin, out_dim, 1, stride, bias=False), nn.BatchNorm2d(out_dim))
+    self.nonlin = nonlin
+
+  def join(self, x, y):
+    y = y + (x if self.downsample is None else self.downsample(x))
+    return torch.relu(y) if self.nonlin else y
+
+
+class Basic(Residual):
   expansion = 1
 
   def __init__(self, cin, planes, stride, out_dim, nonlin=True):
@@ -38,19 +52,15 @@ class Basic(nn.Module):
     self.bn1 = nn.BatchNorm2d(out_dim)
     self.conv2 = nn.Conv2d(out_dim, out_dim, 3, 1, 1, bias=False)
     self.bn2 = nn.BatchNorm2d(out_dim)
-    self.downsample = None
-    if stride != 1 or cin != out_dim:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, out_dim, 1, stride, bias=False), nn.BatchNorm2d(out_dim))
-    self.nonlin = nonlin
+    self.shortcut(cin, out_dim, stride, nonlin)
 
   def forward(self, x):
     y = torch.relu(self.bn1(self.conv1(x)))
     y = self.bn2(self.conv2(y))
-    y = y + (x if self.downsample is None else self.downsample(x))
-    return torch.relu(y) if self.nonlin else y
+    return self.join(x, y)
 
 
-class Bottle(nn.Module):
+class Bottle(Residual):
   expansion = 4
 
   def __init__(self, cin, planes, stride, out_dim, nonlin=True):
@@ -61,17 +71,13 @@ class Bottle(nn.Module):
     self.bn2 = nn.BatchNorm2d(planes)
     self.conv3 = nn.Conv2d(planes, out_dim, 1, bias=False)
     self.bn3 = nn.BatchNorm2d(out_dim)
-    self.downsample = None
-    if stride != 1 or cin != out_dim:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, out_dim, 1, stride, bias=False), nn.BatchNorm2d(out_dim))
-    self.nonlin = nonlin
+    self.shortcut(cin, out_dim, stride, nonlin)
 
   def forward(self, x):
     y = torch.relu(self.bn1(self.conv1(x)))
     y = torch.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
-    y = y + (x if self.downsample is None else self.downsample(x))
-    return torch.relu(y) if self.nonlin else y
+    return self.join(x, y)
 
 
 class ResNet(nn.Module):
