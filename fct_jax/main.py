@@ -61,6 +61,12 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  clash = ("--import_prefix and --import_allow_unused go with --import_torch"
+           if not _IMPORT_TORCH.value and (_IMPORT_PREFIX.present or _IMPORT_ALLOW_UNUSED.present) else
+           "--dry_run and --import_torch do not go together" if _IMPORT_TORCH.value and _DRY_RUN.value else "")
+  if clash:
+    print(f"error: {clash}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   # Imported here so that flag parsing errors come before the (slow) JAX import.

@@ -111,6 +111,13 @@ def test_reader_big_endian_and_strided_tensors(tmp_path):
   want = np.asarray([[2 + i + 3 * j for j in range(2)] for i in range(3)], np.float32)
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, want)
+  # The same tensor at offset 7 would end at index 7 + 2·1 + 1·3 = 12, one past its 12-value storage: refused,
+  # not read from whatever memory follows.
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("be/data.pkl", body.replace(b"K\x02K\x03K\x02\x86", b"K\x07K\x03K\x02\x86"))
+    z.writestr("be/data/0", np.arange(12, dtype="<f4").tobytes())
+  with pytest.raises(FCTError, match=r"a tensor of shape \(3, 2\) reaches outside its storage of 12 values"):
+    torch_import.read_state_dict(str(path))
 
 
 # ------------------------------------------------------------------------------- the mapping: same outputs
@@ -162,7 +169,8 @@ def test_mapping_errors_name_the_tensor():
 
 def test_prefix_choice_when_a_file_holds_two_models():
   r18 = _state("torch_resnet18_tiny.pt")
-  two = {**{"old_model." + k: v for k, v in r18.items()}, **{"side_model." + k: np.zeros_like(v) for k, v in r18.items()}}
+  two = {**{"old_model." + k: v for k, v in r18.items()},
+         **{"side_model." + k: np.zeros_like(v) for k, v in r18.items()}}
   with pytest.raises(FCTError, match=r"holds 2 resnet models \(prefixes 'old_model.model.', "
                                      r"'side_model.model.'\); choose one with --import_prefix"):
     _resnet("resnet18", R18, two)
@@ -243,7 +251,8 @@ def test_import_refuses_without_writing(imported, tmp_path):
   with pytest.raises(FCTError, match="an import fills one stage"):
     experiment.import_stage(_experiment(), str(tmp_path / "a"), os.path.join(DATA, FILES["old"]))
   with pytest.raises(FCTError, match="needs stage 'old'"):  # h's widths come from its upstream stages
-    experiment.import_stage(_experiment("transformation"), str(tmp_path / "b"), os.path.join(DATA, FILES["transformation"]))
+    experiment.import_stage(_experiment("transformation"), str(tmp_path / "b"),
+                            os.path.join(DATA, FILES["transformation"]))
   with pytest.raises(FCTError, match="has no weights to import"):
     experiment.import_stage(_experiment("eval"), str(tmp_path / "c"), os.path.join(DATA, FILES["old"]))
   with pytest.raises(FCTError, match=r"model.layer4.1.bn1.running_mean has shape \(4,\)"):  # ψ's file, old stage
@@ -279,6 +288,9 @@ def test_cli_imports_a_stage(tmp_path):
   assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
   assert "error: the checkpoint has no model.layer1.0.bn3.running_mean" in p.stderr  # a ResNet18 is no ResNet50
   assert not (tmp_path / "wd").exists()
+  p = run(f"--config={config}:stage=old", "--import_prefix=model.")
+  assert p.returncode == 2
+  assert p.stderr.strip() == "error: --import_prefix and --import_allow_unused go with --import_torch"
   p = run(f"--config={config}:stage=new", f"--import_torch={os.path.join(DATA, FILES['new'])}")
   assert p.returncode == 0, p.stderr
   every = [k for k in _state(FILES["new"]) if not k.endswith("num_batches_tracked")]

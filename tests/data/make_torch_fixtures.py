@@ -171,7 +171,8 @@ def main():
     io["fct_mlp_out"] = mlp(io["old"], io["side"])
   torch.jit.save(torch.jit.script(Wrapper(r18)), os.path.join(HERE, "torch_resnet18_tiny.pt"))
   torch.save(r50.state_dict(), os.path.join(HERE, "torch_resnet50_tiny.pth"))
-  np.savez_compressed(os.path.join(HERE, "torch_side_tiny.npz"), **{k: v.numpy() for k, v in Wrapper(side).state_dict().items()})
+  side_state = {k: v.numpy() for k, v in Wrapper(side).state_dict().items()}
+  np.savez_compressed(os.path.join(HERE, "torch_side_tiny.npz"), **side_state)
   torch.jit.save(torch.jit.script(mlp), os.path.join(HERE, "torch_fct_mlp_tiny.pt"))
   np.savez_compressed(os.path.join(HERE, "torch_fixtures_io.npz"), **{k: v.numpy() for k, v in io.items()})
 
