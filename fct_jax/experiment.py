@@ -216,7 +216,7 @@ def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, 
 
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       digest.update(chunk)
   return digest.hexdigest()

@@ -32,7 +32,6 @@ logits to 5.1e-7 (outputs of magnitude 0.4–1.8). The tests repeat this on tiny
 """
 
 import collections
-import os
 import pickle
 import re
 import zipfile
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from fct_jax.data import sources
 from fct_jax.errors import FCTError
@@ -131,17 +131,21 @@ def _flatten(obj, prefix: str, out: Dict[str, np.ndarray]):
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """``{name: array}`` of a PyTorch checkpoint (TorchScript, ``torch.save`` zip, or ``.npz``), in PyTorch layout.
 
+  Args:
+    path: a local path or any path ``etils.epath`` opens (``gs://...``).
+
   Raises:
     FCTError: the file is missing, not one of these formats, or holds no tensors.
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FCTError(f"checkpoint {path} not found")
   try:
-    if str(path).endswith(".npz"):
-      with np.load(path, allow_pickle=False) as z:
-        out = {k: np.asarray(z[k]) for k in z.files}
-    else:
-      out = _read_torch_zip(path)
+    with epath.Path(path).open("rb") as f:
+      if str(path).endswith(".npz"):
+        with np.load(f, allow_pickle=False) as z:
+          out = {k: np.asarray(z[k]) for k in z.files}
+      else:
+        out = _read_torch_zip(f)
   except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
     raise FCTError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                    ) from e
@@ -150,10 +154,10 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
-def _read_torch_zip(path: str) -> Dict[str, np.ndarray]:
-  if not zipfile.is_zipfile(path):
+def _read_torch_zip(file) -> Dict[str, np.ndarray]:
+  if not zipfile.is_zipfile(file):
     raise ValueError("not a zip archive: save it with PyTorch >= 1.6 (torch.save or torch.jit.save), or as .npz")
-  with zipfile.ZipFile(path) as archive:
+  with zipfile.ZipFile(file) as archive:
     pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
       raise ValueError("no data.pkl in the archive: not a PyTorch checkpoint")
