@@ -167,6 +167,16 @@ def _open_stage(name: str, scfg, stage_dir: str):
   sharding.barrier(f"fct_{name}_start")
 
 
+def _single_stage(config, what: str):
+  """``(name, stage_config)`` of the one stage a config selects, in a single-process run; else a one-line error."""
+  todo = stage_configs(config)
+  if len(todo) != 1 or "stages" in config and not config.get("stage"):
+    raise FCTError(f"{what} one stage: select it with --config=FILE:stage=NAME")
+  if jax.process_count() > 1:
+    raise FCTError("run this in a single process (it reads and writes one stage)")
+  return todo[0]
+
+
 IMPORTED = "imported.json"  # in a stage directory filled by import_stage: where its weights came from
 
 
@@ -190,13 +200,9 @@ def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, 
     the ``imported.json`` record.
   """
   from fct_jax import torch_import  # pylint: disable=g-import-not-at-top  (only this command needs it)
-  todo = stage_configs(config)
-  if len(todo) != 1 or "stages" in config and not config.get("stage"):
-    raise FCTError("an import fills one stage: select it with --config=FILE:stage=NAME")
-  _validate_stages(todo)
-  if jax.process_count() > 1:
-    raise FCTError("run the import in a single process (it reads one file and writes one stage)")
-  (name, scfg), workdir = todo[0], checkpoint.abspath(workdir)
+  name, scfg = _single_stage(config, "an import fills")
+  _validate_stages([(name, scfg)])
+  workdir = checkpoint.abspath(workdir)
   stage_dir = checkpoint.join(workdir, name)
   _check_experiment(config, workdir)
   if checkpoint.exists(stage_dir):
@@ -212,6 +218,37 @@ def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, 
   checkpoint.write_json(checkpoint.join(stage_dir, IMPORTED), record)
   checkpoint.mark_done(stage_dir)
   return record
+
+
+def export_stage(config: ml_collections.ConfigDict, workdir: str, out: str, *, linear_as_conv: bool = True) -> int:
+  """Writes the selected finished stage's network as a PyTorch state dict in an ``.npz`` file.
+
+  The names and layouts are ml-fct's (``torch_import.from_flax``): load it with
+  ``model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(out).items()})`` into ml-fct's ResNet or
+  ``MLP_BN_SIDE_PROJECTION`` of the same widths (``linear_as_conv=False``: torchvision's Linear classifier).
+  For a SimCLR stage that is the encoder (ψ). ``out`` must not exist.
+
+  Returns:
+    the number of tensors written.
+  """
+  from fct_jax import torch_import  # pylint: disable=g-import-not-at-top
+  name, scfg = _single_stage(config, "an export writes")
+  workdir = checkpoint.abspath(workdir)
+  stage_dir = checkpoint.join(workdir, name)
+  if not checkpoint.is_done(stage_dir):
+    raise FCTError(f"stage {name!r} is not finished in {workdir}; nothing to export")
+  _check_stage_config(name, scfg, stage_dir)
+  torch_import.stage_model(name, scfg)  # a stage kind with a PyTorch counterpart, else a one-line error
+  if not str(out).endswith(".npz"):
+    raise FCTError(f"export to a .npz file, not {out}")
+  if epath.Path(out).exists():
+    raise FCTError(f"{out} exists; choose another path (nothing was overwritten)")
+  state = torch_import.stage_state_dict(name, scfg, checkpoint.load_model(stage_dir), linear_as_conv=linear_as_conv)
+  tmp = epath.Path(str(out)[:-len(".npz")] + ".tmp.npz")
+  with tmp.open("wb") as f:
+    np.savez(f, **state)
+  tmp.rename(out)
+  return len(state)
 
 
 def _sha256(path: str) -> str:

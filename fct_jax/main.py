@@ -5,6 +5,8 @@ r"""Command-line entry point.
   python -m fct_jax.main --config=configs/imagenet.py --workdir=/tmp/fct_imagenet --dry_run   # the plan only
   python -m fct_jax.main --config=configs/imagenet.py:stage=side_info --workdir=/tmp/fct_imagenet \
       --import_torch=imagenet_500_simclr.pt      # a stage from PyTorch weights (ml-fct's) instead of training
+  python -m fct_jax.main --config=configs/imagenet.py:stage=transformation --workdir=/tmp/fct_imagenet \
+      --export_torch=h.npz                       # a finished stage as a PyTorch state dict (ml-fct's names)
 
 ``--config`` takes a Python config file and an optional argument after ``:`` (``stage=NAME``, ``runlocal``;
 comma-separated). Any config field can be overridden with ``--config.FIELD=VALUE``. Errors in the user's input
@@ -34,6 +36,11 @@ _IMPORT_PREFIX = flags.DEFINE_string("import_prefix", None, "With --import_torch
                                      "the checkpoint holds several models (e.g. 'old_model.model.').")
 _IMPORT_ALLOW_UNUSED = flags.DEFINE_bool("import_allow_unused", False, "With --import_torch: import even though some "
                                          "of the checkpoint's tensors have no place in the stage's model.")
+_EXPORT_TORCH = flags.DEFINE_string("export_torch", None, "Write the selected finished stage's network "
+                                    "(--config=FILE:stage=NAME) as a PyTorch state dict in this .npz file, with "
+                                    "ml-fct's names and layouts.")
+_EXPORT_TORCH_LINEAR = flags.DEFINE_bool("export_torch_linear", False, "With --export_torch: Dense layers as "
+                                         "nn.Linear weights [out, in] (torchvision) rather than ml-fct's 1x1 convs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,12 +65,23 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+def _flag_clash() -> str:
+  """Why the given flags do not go together, or ``""``."""
+  modes = [f for f, on in (("--dry_run", _DRY_RUN.value), ("--import_torch", _IMPORT_TORCH.value),
+                            ("--export_torch", _EXPORT_TORCH.value)) if on]
+  if len(modes) > 1:
+    return f"{' and '.join(modes)} do not go together"
+  if not _IMPORT_TORCH.value and (_IMPORT_PREFIX.present or _IMPORT_ALLOW_UNUSED.present):
+    return "--import_prefix and --import_allow_unused go with --import_torch"
+  if not _EXPORT_TORCH.value and _EXPORT_TORCH_LINEAR.present:
+    return "--export_torch_linear goes with --export_torch"
+  return ""
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  clash = ("--import_prefix and --import_allow_unused go with --import_torch"
-           if not _IMPORT_TORCH.value and (_IMPORT_PREFIX.present or _IMPORT_ALLOW_UNUSED.present) else
-           "--dry_run and --import_torch do not go together" if _IMPORT_TORCH.value and _DRY_RUN.value else "")
+  clash = _flag_clash()
   if clash:
     print(f"error: {clash}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -91,6 +109,11 @@ def main(argv):
       note = f"; {record['note']}" if record["note"] else ""
       print(f"imported {record['tensors_used']} tensors (prefix {record['prefix']!r}) from {record['source']} into "
             f"{_WORKDIR.value}{unused}{note}", flush=True)
+      return
+    if _EXPORT_TORCH.value:
+      n = experiment.export_stage(config, _WORKDIR.value, _EXPORT_TORCH.value,
+                                  linear_as_conv=not _EXPORT_TORCH_LINEAR.value)
+      print(f"wrote {n} tensors to {_EXPORT_TORCH.value}", flush=True)
       return
     sharding.maybe_initialize_distributed(_DISTRIBUTED.value)
     experiment.run(config, _WORKDIR.value)

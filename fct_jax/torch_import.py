@@ -1,9 +1,11 @@
-"""PyTorch weights into fct_jax stages, without PyTorch: ml-fct's saved models, torchvision-style ResNets.
+"""PyTorch weights into fct_jax stages and back, without PyTorch: ml-fct's saved models, torchvision-style ResNets.
 
 FCT's premise is that the old model already exists. This module lets it (and the rest of an ml-fct run) come
 from PyTorch: ``python -m fct_jax.main --config=CFG:stage=NAME --workdir=DIR --import_torch=FILE`` fills stage
 ``NAME`` of the experiment in ``DIR`` with the checkpoint's weights instead of training it (see
 ``experiment.import_stage``); the other stages then run, or read it, as if it had been trained here.
+``--export_torch=OUT.npz`` does the reverse for a finished stage (:func:`from_flax`, ``experiment.export_stage``):
+a state dict that ml-fct's modules load strictly.
 
 What it reads (:func:`read_state_dict`), with NumPy only — PyTorch need not be installed:
 
@@ -312,6 +314,30 @@ def _resnet_at(module, path: Tuple[str, ...], stage: str):
   return module
 
 
+def stage_model(name: str, cfg) -> Tuple[str, Tuple[str, ...]]:
+  """``(family, path)`` of the PyTorch-shaped model in a stage: the ResNet (or FCT MLP) sits at attribute/variable
+  ``path`` of the stage's saved model (SimCLR's ``encoder``, input standardisation's ``encoder``)."""
+  kind = cfg.get("kind")
+  if kind == "backbone":
+    return "resnet", ()
+  if kind == "side_info":
+    if cfg.get("method") not in ("simclr",) + side_info.CLASSIFIER_METHODS:
+      raise FCTError(f"stage {name!r}: side-information method {cfg.get('method')!r} has no PyTorch counterpart "
+                     f"(methods with a ResNet: simclr, {', '.join(side_info.CLASSIFIER_METHODS)})")
+    path = (("encoder",) if cfg.method == "simclr" else ())
+    return "resnet", path + (("encoder",) if (cfg.get("input_norm", "none") or "none") == "image" else ())
+  if kind == "transformation":
+    return "fct_mlp", ()
+  raise FCTError(f"stage {name!r} of kind {kind!r} has no weights to import or export (backbone, side_info and "
+                 "transformation stages do)")
+
+
+def _subtree(tree, path):
+  for attr in path:
+    tree = {col: t[attr] for col, t in tree.items() if attr in t}
+  return tree
+
+
 def stage_variables(name: str, cfg, ctx, state: Dict[str, np.ndarray], *, prefix: Optional[str] = None,
                     allow_unused: bool = False) -> Tuple[Any, dict]:
   """The variables to save as stage ``name``'s model, built from a PyTorch state dict.
@@ -327,49 +353,74 @@ def stage_variables(name: str, cfg, ctx, state: Dict[str, np.ndarray], *, prefix
     ``(variables, info)``: ``info`` has ``prefix``, ``tensors_used``, ``unused`` (names) and ``note`` (what was
     adapted, or ``""``).
   """
-  kind = cfg.get("kind")
-  if kind == "backbone":
-    info, x = _image_input(cfg.data, cfg.split)
-    module = common.build_backbone(cfg, info.num_classes)
-    path, template = (), _template(module, x)
-  elif kind == "side_info":
-    if cfg.get("method") not in ("simclr",) + side_info.CLASSIFIER_METHODS:
-      raise FCTError(f"stage {name!r}: side-information method {cfg.get('method')!r} has no PyTorch import "
-                     f"(methods with a ResNet: simclr, {', '.join(side_info.CLASSIFIER_METHODS)})")
-    _, x = _image_input(cfg.data, cfg.split)
-    module = side_info.build_model(cfg)
-    path = (("encoder",) if cfg.method == "simclr" else ())
-    path += ("encoder",) if (cfg.get("input_norm", "none") or "none") == "image" else ()
-    template = _template(module, x)
-    if cfg.method == "simclr":  # the encoder alone
-      template = {col: {"encoder": tree["encoder"]} for col, tree in template.items() if "encoder" in tree}
-  elif kind == "transformation":
+  family, path = stage_model(name, cfg)
+  if cfg.kind == "transformation":
     dims = {k: transformation.upstream_width(ctx, cfg[k], name) for k in ("old", "new")}
-    module, path = transformation.build_h(cfg, dims["old"], dims["new"]), ()
+    module = transformation.build_h(cfg, dims["old"], dims["new"])
     template = _template(module, jnp.zeros((1, dims["old"])), jnp.zeros((1, int(cfg.side_info.dim))))
   else:
-    raise FCTError(f"stage {name!r} of kind {kind!r} has no weights to import (backbone, side_info and "
-                   "transformation stages do)")
-  family = "fct_mlp" if kind == "transformation" else "resnet"
-  if family == "resnet":
-    resnet = _resnet_at(module, path, name)
-  sub = template
-  for attr in path:
-    sub = {col: tree[attr] for col, tree in sub.items()}
+    info, x = _image_input(cfg.data, cfg.split)
+    if cfg.kind == "backbone":
+      module = common.build_backbone(cfg, info.num_classes)
+    else:
+      module = side_info.build_model(cfg)
+    template = _template(module, x)
+    if cfg.kind == "side_info" and cfg.method == "simclr":  # the encoder alone
+      template = _subtree(template, ("encoder",))
+      template = {col: {"encoder": tree} for col, tree in template.items()}
+  sub = _subtree(template, path)
   prefix = find_prefix(state, family, prefix)
   dropped, note = [], ""
-  fc = {k: v for k, v in state.items() if k.startswith(prefix + "fc.")}
-  if family == "resnet" and not resnet.num_classes:  # e.g. SimCLR's encoder: a classifier beside it is not used
-    dropped = sorted(fc)
-    state = {k: v for k, v in state.items() if k not in fc}
-  elif family == "resnet" and fc and min(np.shape(v)[0] for v in fc.values()) > resnet.num_classes:
-    # ml-fct: its old models' classifiers are as wide as the new class count (1000 for ImageNet-500); the old
-    # split's classes are the first ones of the same label order, so their rows are the first ones.
-    wide = np.shape(state[prefix + "fc.weight"])[0] if prefix + "fc.weight" in fc else None
-    state = {**state, **{k: v[:resnet.num_classes] for k, v in fc.items()}}
-    note = f"classifier: the first {resnet.num_classes} of the checkpoint's {wide} classes"
+  if family == "resnet":
+    resnet = _resnet_at(module, path, name)
+    fc = {k: v for k, v in state.items() if k.startswith(prefix + "fc.")}
+    if not resnet.num_classes:  # e.g. SimCLR's encoder: a classifier beside it is not used
+      dropped = sorted(fc)
+      state = {k: v for k, v in state.items() if k not in fc}
+    elif fc and min(np.shape(v)[0] for v in fc.values()) > resnet.num_classes:
+      # ml-fct: its old models' classifiers are as wide as the new class count (1000 for ImageNet-500); the old
+      # split's classes are the first ones of the same label order, so their rows are the first ones.
+      wide = np.shape(state[prefix + "fc.weight"])[0] if prefix + "fc.weight" in fc else None
+      state = {**state, **{k: v[:resnet.num_classes] for k, v in fc.items()}}
+      note = f"classifier: the first {resnet.num_classes} of the checkpoint's {wide} classes"
   filled, unused = to_flax(state, sub, family, prefix=prefix, allow_unused=allow_unused)
   for attr in reversed(path):
     filled = {col: {attr: tree} for col, tree in filled.items()}
   used = sum(1 for _ in jax.tree_util.tree_leaves(filled))
   return filled, {"prefix": prefix, "tensors_used": used, "unused": dropped + unused, "note": note}
+
+
+def from_flax(variables: Any, family: str, *, linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
+  """A PyTorch state dict of Flax variables (the inverse of :func:`to_flax`).
+
+  Args:
+    variables: ``{"params": ..., "batch_stats": ...}`` of a ResNet or an FCT MLP.
+    family: ``"resnet"`` or ``"fct_mlp"``.
+    linear_as_conv: Dense kernels as ml-fct's 1×1 convs ``[out, in, 1, 1]`` (its classifier and MLP layers);
+      False: as ``nn.Linear`` weights ``[out, in]`` (torchvision's ``fc``).
+
+  Returns:
+    ``{name: array}`` in PyTorch layout, float32, with BatchNorm's ``num_batches_tracked`` (0), so that
+    ``model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})`` loads it strictly.
+  """
+  if family not in FAMILIES:
+    raise FCTError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    keys = tuple(getattr(k, "key", str(k)) for k in path)
+    x = np.asarray(leaf, np.float32)
+    if x.ndim == 4:  # conv: HWIO → OIHW
+      x = x.transpose(3, 2, 0, 1)
+    elif x.ndim == 2:  # Dense: [in, out] → [out, in] (+ 1×1)
+      x = x.T.reshape(x.shape[::-1] + ((1, 1) if linear_as_conv else ()))
+    name = torch_name(family, keys)
+    out[name] = x
+    if name.endswith(".running_mean"):
+      out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return out
+
+
+def stage_state_dict(name: str, cfg, variables, *, linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
+  """The PyTorch state dict of a finished stage's saved ``variables`` (the ResNet or FCT MLP in it)."""
+  family, path = stage_model(name, cfg)
+  return from_flax(_subtree(variables, path), family, linear_as_conv=linear_as_conv)

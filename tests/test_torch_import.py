@@ -244,6 +244,36 @@ def test_imported_stages_are_read_like_trained_ones(imported):
   assert plan[0]["state"].startswith("finished: imported from ") and plan[-1]["state"] == "finished (skipped)"
 
 
+@pytest.mark.parametrize("stage, linear", [("old", False), ("side_info", False), ("new", True),
+                                           ("transformation", False)])
+def test_export_gives_back_the_torch_state_dict(imported, tmp_path, stage, linear):
+  """Exported stages are the tensors PyTorch wrote, bit for bit (ψ without its classifier), in PyTorch's names."""
+  wd, _, _ = imported
+  out = tmp_path / f"{stage}.npz"
+  n = experiment.export_stage(_experiment(stage), wd, str(out), linear_as_conv=not linear)
+  got = dict(np.load(out))
+  want = {k.removeprefix("model."): v for k, v in _state(FILES[stage]).items()}
+  if stage == "side_info":
+    want = {k: v for k, v in want.items() if not k.startswith("fc.")}
+  assert n == len(got) and sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  with pytest.raises(FCTError, match="exists; choose another path"):
+    experiment.export_stage(_experiment(stage), wd, str(out))
+
+
+def test_export_refusals(imported, tmp_path):
+  wd, _, _ = imported
+  with pytest.raises(FCTError, match="is not finished"):
+    experiment.export_stage(_experiment("old"), str(tmp_path), str(tmp_path / "a.npz"))
+  with pytest.raises(FCTError, match="export to a .npz file"):
+    experiment.export_stage(_experiment("old"), wd, str(tmp_path / "a.pt"))
+  with pytest.raises(FCTError, match="has no weights to import or export"):
+    experiment.export_stage(_experiment("eval"), wd, str(tmp_path / "a.npz"))
+  assert not list(tmp_path.iterdir())
+
+
 def test_import_refuses_without_writing(imported, tmp_path):
   wd, _, _ = imported
   with pytest.raises(FCTError, match="stage 'old' in .* is finished already"):
@@ -296,3 +326,8 @@ def test_cli_imports_a_stage(tmp_path):
   every = [k for k in _state(FILES["new"]) if not k.endswith("num_batches_tracked")]
   assert f"imported {len(every)} tensors (prefix '') from" in p.stdout  # all of them
   assert checkpoint.is_done(str(tmp_path / "wd" / "new"))
+  p = run(f"--config={config}:stage=new", f"--export_torch={tmp_path / 'new.npz'}", "--export_torch_linear")
+  assert p.returncode == 0 and f"wrote {len(_state(FILES['new']))} tensors to" in p.stdout, p.stderr
+  assert np.load(tmp_path / "new.npz")["fc.weight"].shape == (20, 8)
+  p = run(f"--config={config}:stage=new", f"--export_torch={tmp_path / 'b.npz'}", "--import_torch=x.pt")
+  assert p.returncode == 2 and p.stderr.strip() == "error: --import_torch and --export_torch do not go together"
