@@ -228,9 +228,9 @@ def find_prefix(state: Dict[str, np.ndarray], family: str, prefix: Optional[str]
     prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
     if prefix + anchor not in state:
       raise FCTError(f"no {prefix}{anchor} in the checkpoint; prefixes with a {family} model: "
-                     f"{', '.join(repr(p) for p in find_prefixes(state, anchor)) or 'none'}")
+                     f"{', '.join(repr(p) for p in _find_prefixes(state, anchor)) or 'none'}")
     return prefix
-  found = find_prefixes(state, anchor)
+  found = _find_prefixes(state, anchor)
   if not found:
     raise FCTError(f"the checkpoint holds no {family} model (no tensor named *{anchor}); its first tensors: "
                    f"{', '.join(list(state)[:3])}")
@@ -240,7 +240,8 @@ def find_prefix(state: Dict[str, np.ndarray], family: str, prefix: Optional[str]
   return found[0]
 
 
-def find_prefixes(state, anchor: str):
+def _find_prefixes(state, anchor: str):
+  """The prefixes under which ``state`` has a tensor named ``anchor`` (whole dot-separated parts only)."""
   return sorted(k[:-len(anchor)] for k in state if k.endswith(anchor) and (k == anchor or
                                                                            k[-len(anchor) - 1] == "."))
 
