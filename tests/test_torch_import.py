@@ -20,6 +20,7 @@ import pytest
 from configs import common as cfg_common
 from fct_jax import checkpoint, experiment, models, torch_import
 from fct_jax.errors import FCTError
+from fct_jax.stages import common, side_info, transformation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -226,7 +227,6 @@ def test_imported_stages_are_read_like_trained_ones(imported):
   saved = checkpoint.read_json(os.path.join(wd, "old", experiment.IMPORTED))
   assert saved["sha256"] == records["old"]["sha256"] and len(saved["sha256"]) == 64
   # The saved models are the torch networks: the old stage's embedding of the fixture's images is torch's
-  from fct_jax.stages import common, side_info
   ctx = common.Context(workdir=wd)
   module, variables, _ = common.load_backbone(ctx, "old", "test")
   np.testing.assert_allclose(module.apply(variables, IMAGE)["embedding"], IO["resnet18_feature"][:, :, 0, 0],
@@ -234,7 +234,6 @@ def test_imported_stages_are_read_like_trained_ones(imported):
   psi = side_info.load(ctx, "side_info", "test")
   np.testing.assert_allclose(psi.apply(psi.variables, jnp.asarray(IMAGE)), IO["side_feature"][:, :, 0, 0],
                              atol=1e-5, rtol=1e-5)
-  from fct_jax.stages import transformation
   transform, _, _ = transformation.load_h(ctx, "transformation", "test")
   np.testing.assert_allclose(transform(IO["old"][:, :, 0, 0], IO["side"][:, :, 0, 0]), IO["fct_mlp_out"][:, :, 0, 0],
                              atol=1e-5, rtol=1e-5)
@@ -297,7 +296,6 @@ def test_wider_classifier_gives_its_first_rows(tmp_path):
   np.savez(tmp_path / "wide.npz", **wide)
   record = experiment.import_stage(_experiment("old"), str(tmp_path / "wd"), str(tmp_path / "wide.npz"))
   assert record["note"] == "classifier: the first 4 of the checkpoint's 7 classes"
-  from fct_jax.stages import common
   module, variables, _ = common.load_backbone(common.Context(workdir=str(tmp_path / "wd")), "old", "test")
   np.testing.assert_allclose(module.apply(variables, IMAGE)["logits"], IO["resnet18_logits"], atol=1e-5, rtol=1e-5)
   narrow = dict(r18, **{"model.fc.weight": r18["model.fc.weight"][:3]})
