@@ -208,6 +208,7 @@ def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, 
   if checkpoint.exists(stage_dir):
     what = "finished" if checkpoint.is_done(stage_dir) else "started"
     raise FCTError(f"stage {name!r} in {workdir} is {what} already ({stage_dir}); nothing was imported")
+  torch_import.stage_model(name, scfg)  # a stage with a PyTorch counterpart, before the file is read
   state = torch_import.read_state_dict(path)
   variables, info = torch_import.stage_variables(name, scfg, Context(workdir=workdir), state, prefix=prefix,
                                                  allow_unused=allow_unused)

@@ -45,6 +45,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from fct_jax import models
 from fct_jax.data import sources
 from fct_jax.errors import FCTError
 from fct_jax.models.resnet import ResNet
@@ -308,7 +309,7 @@ def _resnet_at(module, path: Tuple[str, ...], stage: str):
   for attr in path:
     module = getattr(module, attr)
   if not isinstance(module, ResNet):
-    raise FCTError(f"stage {stage!r}: only ResNets can be imported from PyTorch, and its model is "
+    raise FCTError(f"stage {stage!r}: only ResNets have a PyTorch counterpart here, and its model is "
                    f"{type(module).__name__}")
   if module.head != "linear":
     raise FCTError(f"stage {stage!r}: its {module.head!r} head has no PyTorch counterpart here (linear heads only)")
@@ -319,12 +320,17 @@ def stage_model(name: str, cfg) -> Tuple[str, Tuple[str, ...]]:
   """``(family, path)`` of the PyTorch-shaped model in a stage: the ResNet (or FCT MLP) sits at attribute/variable
   ``path`` of the stage's saved model (SimCLR's ``encoder``, input standardisation's ``encoder``)."""
   kind = cfg.get("kind")
-  if kind == "backbone":
-    return "resnet", ()
-  if kind == "side_info":
-    if cfg.get("method") not in ("simclr",) + side_info.CLASSIFIER_METHODS:
+  if kind in ("backbone", "side_info"):
+    if kind == "side_info" and cfg.get("method") not in ("simclr",) + side_info.CLASSIFIER_METHODS:
       raise FCTError(f"stage {name!r}: side-information method {cfg.get('method')!r} has no PyTorch counterpart "
                      f"(methods with a ResNet: simclr, {', '.join(side_info.CLASSIFIER_METHODS)})")
+    try:  # the module alone (no variables, no data): is it a ResNet with a linear head?
+      net = models.get_model(cfg.model.name, num_classes=0, **common.model_kwargs(cfg.model))
+    except (ValueError, TypeError) as e:
+      raise FCTError(f"stage {name!r}: cannot build model {cfg.model.get('name')!r}: {e}") from e
+    _resnet_at(net, (), name)
+    if kind == "backbone":
+      return "resnet", ()
     path = (("encoder",) if cfg.method == "simclr" else ())
     return "resnet", path + (("encoder",) if (cfg.get("input_norm", "none") or "none") == "image" else ())
   if kind == "transformation":

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs import common as cfg_common
+from configs import demo
 from fct_jax import checkpoint, experiment, models, torch_import
 from fct_jax.errors import FCTError
 from fct_jax.stages import common, side_info, transformation
@@ -270,6 +271,8 @@ def test_export_refusals(imported, tmp_path):
     experiment.export_stage(_experiment("old"), wd, str(tmp_path / "a.pt"))
   with pytest.raises(FCTError, match="has no weights to import or export"):
     experiment.export_stage(_experiment("eval"), wd, str(tmp_path / "a.npz"))
+  with pytest.raises(FCTError, match="only ResNets have a PyTorch counterpart here, and its model is SmallCNN"):
+    torch_import.stage_model("old", demo.get_config("stage=old,runlocal"))  # checked before any file is read
   assert not list(tmp_path.iterdir())
 
 
