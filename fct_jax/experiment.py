@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from fct_jax import checkpoint, sharding, train_lib
+from fct_jax import checkpoint, sharding, torch_import, train_lib
 from fct_jax.errors import FCTError
 from fct_jax.stages import STAGE_KINDS, backbone, side_info, transformation
 from fct_jax.stages.common import Context
@@ -199,7 +199,6 @@ def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, 
   Returns:
     the ``imported.json`` record.
   """
-  from fct_jax import torch_import  # pylint: disable=g-import-not-at-top  (only this command needs it)
   name, scfg = _single_stage(config, "an import fills")
   _validate_stages([(name, scfg)])
   workdir = checkpoint.abspath(workdir)
@@ -232,7 +231,6 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str, out: str, *, l
   Returns:
     the number of tensors written.
   """
-  from fct_jax import torch_import  # pylint: disable=g-import-not-at-top
   name, scfg = _single_stage(config, "an export writes")
   workdir = checkpoint.abspath(workdir)
   stage_dir = checkpoint.join(workdir, name)
