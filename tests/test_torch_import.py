@@ -66,6 +66,18 @@ def test_reader_reads_each_format():
     assert all(np.all(np.isfinite(v)) for v in state.values())
 
 
+def test_reader_parameters_half_precisions_strided_and_nested():
+  """torch.save of a Parameter, float16 and bfloat16 tensors, a transpose (strided view) in a nested dict, and a
+  plain number (dropped)."""
+  got = _state("torch_misc.pt")
+  six = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+  assert sorted(got) == ["bf16", "half", "nested.t", "w"]
+  np.testing.assert_array_equal(got["w"], six)
+  np.testing.assert_array_equal(got["nested.t"], six.T)
+  assert got["half"].dtype == np.float16 and got["half"].tolist() == [0, 1, 2, 3]
+  assert got["bf16"].dtype == jnp.bfloat16 and got["bf16"].astype(np.float32).tolist() == [0, 1, 2]
+
+
 def test_reader_refuses_code_in_a_pickle(tmp_path):
   class Evil:
     def __reduce__(self):

@@ -14,6 +14,8 @@ describes (apple/ml-fct models/resnet.py and models/transformations.py; none of 
   ``.npz`` (names ``model.*``), standing for a SimCLR ψ whose classifier the import leaves out.
 * ``torch_fct_mlp_tiny.pt``: the FCT transformation MLP (old 8, side 4, new 8, inner 16), TorchScript.
 * ``torch_fixtures_io.npz``: fixed inputs and the models' eval-mode outputs.
+* ``torch_misc.pt``: ``torch.save`` of a dict with a Parameter, float16 and bfloat16 tensors, a transposed (strided)
+  tensor in a nested dict, and a plain number.
 
 The widths and classes fit the demo's ``runlocal`` data (old split 4 classes, new split 20) and the evaluation's
 new/old comparison (φ_old and φ_new both 8-d), so the tests can run an experiment on the imported stages.
@@ -175,6 +177,10 @@ def main():
   np.savez_compressed(os.path.join(HERE, "torch_side_tiny.npz"), **side_state)
   torch.jit.save(torch.jit.script(mlp), os.path.join(HERE, "torch_fct_mlp_tiny.pt"))
   np.savez_compressed(os.path.join(HERE, "torch_fixtures_io.npz"), **{k: v.numpy() for k, v in io.items()})
+  six = torch.arange(6.0).reshape(2, 3)
+  torch.save({"w": nn.Parameter(six), "half": torch.arange(4, dtype=torch.float16),
+              "bf16": torch.arange(3, dtype=torch.bfloat16), "nested": {"t": six.t()}, "epoch": 3},
+             os.path.join(HERE, "torch_misc.pt"))
 
 if __name__ == "__main__":
   main()
