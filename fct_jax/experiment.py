@@ -207,9 +207,7 @@ def import_stage(config: ml_collections.ConfigDict, workdir: str, path: str, *, 
   if checkpoint.exists(stage_dir):
     what = "finished" if checkpoint.is_done(stage_dir) else "started"
     raise FCTError(f"stage {name!r} in {workdir} is {what} already ({stage_dir}); nothing was imported")
-  torch_import.stage_model(name, scfg)  # a stage with a PyTorch counterpart, before the file is read
-  state = torch_import.read_state_dict(path)
-  variables, info = torch_import.stage_variables(name, scfg, Context(workdir=workdir), state, prefix=prefix,
+  variables, info = torch_import.stage_variables(name, scfg, Context(workdir=workdir), path, prefix=prefix,
                                                  allow_unused=allow_unused)
   record = {"source": checkpoint.abspath(path), "sha256": _sha256(path), **info}
   _open_workdir(config, workdir)
@@ -237,12 +235,12 @@ def export_stage(config: ml_collections.ConfigDict, workdir: str, out: str, *, l
   if not checkpoint.is_done(stage_dir):
     raise FCTError(f"stage {name!r} is not finished in {workdir}; nothing to export")
   _check_stage_config(name, scfg, stage_dir)
-  torch_import.stage_model(name, scfg)  # a stage kind with a PyTorch counterpart, else a one-line error
   if not str(out).endswith(".npz"):
     raise FCTError(f"export to a .npz file, not {out}")
   if epath.Path(out).exists():
     raise FCTError(f"{out} exists; choose another path (nothing was overwritten)")
-  state = torch_import.stage_state_dict(name, scfg, checkpoint.load_model(stage_dir), linear_as_conv=linear_as_conv)
+  state = torch_import.stage_state_dict(name, scfg, lambda: checkpoint.load_model(stage_dir),
+                                        linear_as_conv=linear_as_conv)
   tmp = epath.Path(str(out)[:-len(".npz")] + ".tmp.npz")
   with tmp.open("wb") as f:
     np.savez(f, **state)

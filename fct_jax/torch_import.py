@@ -26,10 +26,11 @@ transformation MLP. Every variable of the Flax model must be found with the righ
 checkpoint must be used (BatchNorm's ``num_batches_tracked`` aside), else a one-line error names the first that is
 not; ``allow_unused`` lists extra tensors instead of refusing (e.g. a projection head beside a SimCLR encoder).
 
-Checked once by hand against ml-fct's own code (PyTorch 2.13 on a CPU): its ResNet18-128 and ResNet50-128 (random
-weights, randomised BatchNorm statistics, 10 classes) and ``MLP_BN_SIDE_PROJECTION(128, 128, 128, 2048)``, saved
-with ml-fct's ``backbone_to_torchscript`` / ``torch.jit.save`` and imported here, gave its eval-mode embeddings and
-logits to 5.1e-7 (outputs of magnitude 0.4–1.8). The tests repeat this on tiny networks that PyTorch wrote
+Checked against ml-fct's own code by ``benchmarks/torch_parity.py`` (needs PyTorch and an ml-fct checkout; not
+run by CI): its ResNet18-128 and ResNet50-128 (random weights, randomised BatchNorm statistics, 10 classes) and
+``MLP_BN_SIDE_PROJECTION(128, 128, 128, 2048)``, saved with ml-fct's ``backbone_to_torchscript`` /
+``torch.jit.save`` and imported here, give its eval-mode embeddings and logits to 4.2e-7 (outputs of magnitude
+0.5–2.1), and exported back give them exactly. The tests repeat this on tiny networks that PyTorch wrote
 (tests/data/make_torch_fixtures.py, whose blocks load ml-fct's state dicts strictly and agree with ml-fct exactly).
 """
 
@@ -37,7 +38,7 @@ import collections
 import pickle
 import re
 import zipfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,11 @@ _LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("para
 _SKIPPED = ("num_batches_tracked",)
 
 
+def _keys(path) -> Tuple[str, ...]:
+  """A pytree key path (dict keys) as the tuple of names ``(collection, module, ..., leaf)``."""
+  return tuple(getattr(k, "key", str(k)) for k in path)
+
+
 def torch_name(family: str, path: Tuple[str, ...]) -> str:
   """The PyTorch name (no prefix) of the Flax variable at ``path`` = (collection, module, ..., leaf)."""
   rules = FAMILIES[family][0]
@@ -271,7 +277,7 @@ def to_flax(state: Dict[str, np.ndarray], template: Any, family: str, *, prefix:
   used = set()
 
   def fill(path, leaf):
-    keys = tuple(getattr(k, "key", str(k)) for k in path)
+    keys = _keys(path)
     name = prefix + torch_name(family, keys)
     if name not in state:
       raise FCTError(f"the checkpoint has no {name} (for the Flax variable {'/'.join(keys)}); is it a "
@@ -304,21 +310,14 @@ def _image_input(data_cfg, split: str):
   return info, jnp.zeros((1, info.image_size, info.image_size, 3), jnp.float32)
 
 
-def _resnet_at(module, path: Tuple[str, ...], stage: str):
-  """The ResNet inside ``module`` at attribute ``path`` (wrappers: SimCLR's encoder, input standardisation)."""
-  for attr in path:
-    module = getattr(module, attr)
-  if not isinstance(module, ResNet):
-    raise FCTError(f"stage {stage!r}: only ResNets have a PyTorch counterpart here, and its model is "
-                   f"{type(module).__name__}")
-  if module.head != "linear":
-    raise FCTError(f"stage {stage!r}: its {module.head!r} head has no PyTorch counterpart here (linear heads only)")
-  return module
-
-
 def stage_model(name: str, cfg) -> Tuple[str, Tuple[str, ...]]:
-  """``(family, path)`` of the PyTorch-shaped model in a stage: the ResNet (or FCT MLP) sits at attribute/variable
-  ``path`` of the stage's saved model (SimCLR's ``encoder``, input standardisation's ``encoder``)."""
+  """``(family, path)`` of the PyTorch-shaped model in a stage: the ResNet (or FCT MLP) sits at variable path
+  ``path`` of the stage's saved model (SimCLR's ``encoder``, input standardisation's ``encoder``).
+
+  Raises:
+    FCTError: the stage has no PyTorch counterpart (its kind, side-information method, model or head); checked
+      from the config alone, before any file is read or model loaded.
+  """
   kind = cfg.get("kind")
   if kind in ("backbone", "side_info"):
     if kind == "side_info" and cfg.get("method") not in ("simclr",) + side_info.CLASSIFIER_METHODS:
@@ -328,7 +327,11 @@ def stage_model(name: str, cfg) -> Tuple[str, Tuple[str, ...]]:
       net = models.get_model(cfg.model.name, num_classes=0, **common.model_kwargs(cfg.model))
     except (ValueError, TypeError) as e:
       raise FCTError(f"stage {name!r}: cannot build model {cfg.model.get('name')!r}: {e}") from e
-    _resnet_at(net, (), name)
+    if not isinstance(net, ResNet):
+      raise FCTError(f"stage {name!r}: only ResNets have a PyTorch counterpart here, and its model is "
+                     f"{type(net).__name__}")
+    if net.head != "linear":
+      raise FCTError(f"stage {name!r}: its {net.head!r} head has no PyTorch counterpart here (linear heads only)")
     if kind == "backbone":
       return "resnet", ()
     path = (("encoder",) if cfg.method == "simclr" else ())
@@ -340,61 +343,66 @@ def stage_model(name: str, cfg) -> Tuple[str, Tuple[str, ...]]:
 
 
 def _subtree(tree, path):
+  """``{collection: tree[...path]}``: the variables of the sub-module at ``path``."""
   for attr in path:
     tree = {col: t[attr] for col, t in tree.items() if attr in t}
   return tree
 
 
-def stage_variables(name: str, cfg, ctx, state: Dict[str, np.ndarray], *, prefix: Optional[str] = None,
+def _nest(tree, path):
+  """The inverse of :func:`_subtree`: ``{collection: {path[0]: {...: tree}}}``."""
+  for attr in reversed(path):
+    tree = {col: {attr: t} for col, t in tree.items()}
+  return tree
+
+
+def stage_variables(name: str, cfg, ctx, checkpoint_path: str, *, prefix: Optional[str] = None,
                     allow_unused: bool = False) -> Tuple[Any, dict]:
-  """The variables to save as stage ``name``'s model, built from a PyTorch state dict.
+  """The variables to save as stage ``name``'s model, built from a PyTorch checkpoint.
 
   The model is the one the stage config describes (rebuilt as the stage's own code builds it, so the saved tree
   loads wherever the stage is read); only the ResNet (backbone stages; side-information stages of the methods
   that use one) or the FCT MLP (transformation stages, whose widths come from the finished upstream stages in
-  ``ctx.workdir``) is filled from ``state``. A SimCLR stage keeps no projection head (ψ is the encoder's
-  embedding), and a PyTorch classifier (``fc``) beside a model without one is left out. A classifier wider than
-  the stage's classes (ml-fct's old models have one logit per *new* class) gives its first rows.
+  ``ctx.workdir``) is filled from the checkpoint (:func:`read_state_dict`, read once the stage is known to have a
+  PyTorch counterpart). A SimCLR stage keeps no projection head (ψ is the encoder's embedding), and a PyTorch
+  classifier (``fc``) beside a model without one is left out. A classifier wider than the stage's classes
+  (ml-fct's old models have one logit per *new* class) gives its first rows.
 
   Returns:
     ``(variables, info)``: ``info`` has ``prefix``, ``tensors_used``, ``unused`` (names) and ``note`` (what was
     adapted, or ``""``).
   """
   family, path = stage_model(name, cfg)
+  state = read_state_dict(checkpoint_path)
   if cfg.kind == "transformation":
     dims = {k: transformation.upstream_width(ctx, cfg[k], name) for k in ("old", "new")}
     module = transformation.build_h(cfg, dims["old"], dims["new"])
     template = _template(module, jnp.zeros((1, dims["old"])), jnp.zeros((1, int(cfg.side_info.dim))))
   else:
     info, x = _image_input(cfg.data, cfg.split)
-    if cfg.kind == "backbone":
-      module = common.build_backbone(cfg, info.num_classes)
-    else:
-      module = side_info.build_model(cfg)
+    module = common.build_backbone(cfg, info.num_classes) if cfg.kind == "backbone" else side_info.build_model(cfg)
     template = _template(module, x)
     if cfg.kind == "side_info" and cfg.method == "simclr":  # the encoder alone
-      template = _subtree(template, ("encoder",))
-      template = {col: {"encoder": tree} for col, tree in template.items()}
+      template = _nest(_subtree(template, ("encoder",)), ("encoder",))
   sub = _subtree(template, path)
   prefix = find_prefix(state, family, prefix)
   dropped, note = [], ""
   if family == "resnet":
-    resnet = _resnet_at(module, path, name)
+    classifier = sub["params"].get("classifier")
+    num_classes = np.shape(classifier["kernel"])[-1] if classifier else 0
     fc = {k: v for k, v in state.items() if k.startswith(prefix + "fc.")}
-    if not resnet.num_classes:  # e.g. SimCLR's encoder: a classifier beside it is not used
+    if not num_classes:  # e.g. SimCLR's encoder: a classifier beside it is not used
       dropped = sorted(fc)
       state = {k: v for k, v in state.items() if k not in fc}
-    elif fc and min(np.shape(v)[0] for v in fc.values()) > resnet.num_classes:
+    elif fc and min(np.shape(v)[0] for v in fc.values()) > num_classes:
       # ml-fct: its old models' classifiers are as wide as the new class count (1000 for ImageNet-500); the old
       # split's classes are the first ones of the same label order, so their rows are the first ones.
       wide = np.shape(state[prefix + "fc.weight"])[0] if prefix + "fc.weight" in fc else None
-      state = {**state, **{k: v[:resnet.num_classes] for k, v in fc.items()}}
-      note = f"classifier: the first {resnet.num_classes} of the checkpoint's {wide} classes"
+      state = {**state, **{k: v[:num_classes] for k, v in fc.items()}}
+      note = f"classifier: the first {num_classes} of the checkpoint's {wide} classes"
   filled, unused = to_flax(state, sub, family, prefix=prefix, allow_unused=allow_unused)
-  for attr in reversed(path):
-    filled = {col: {attr: tree} for col, tree in filled.items()}
   used = sum(1 for _ in jax.tree_util.tree_leaves(filled))
-  return filled, {"prefix": prefix, "tensors_used": used, "unused": dropped + unused, "note": note}
+  return _nest(filled, path), {"prefix": prefix, "tensors_used": used, "unused": dropped + unused, "note": note}
 
 
 def from_flax(variables: Any, family: str, *, linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
@@ -414,7 +422,7 @@ def from_flax(variables: Any, family: str, *, linear_as_conv: bool = True) -> Di
     raise FCTError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-    keys = tuple(getattr(k, "key", str(k)) for k in path)
+    keys = _keys(path)
     x = np.asarray(leaf, np.float32)
     if x.ndim == 4:  # conv: HWIO → OIHW
       x = x.transpose(3, 2, 0, 1)
@@ -427,7 +435,12 @@ def from_flax(variables: Any, family: str, *, linear_as_conv: bool = True) -> Di
   return out
 
 
-def stage_state_dict(name: str, cfg, variables, *, linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
-  """The PyTorch state dict of a finished stage's saved ``variables`` (the ResNet or FCT MLP in it)."""
+def stage_state_dict(name: str, cfg, load_variables: Callable[[], Any], *,
+                     linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
+  """The PyTorch state dict of a finished stage's network (the ResNet or FCT MLP in its saved variables).
+
+  ``load_variables()`` reads the stage's saved variables; it is called once the stage is known to have a PyTorch
+  counterpart (:func:`stage_model`).
+  """
   family, path = stage_model(name, cfg)
-  return from_flax(_subtree(variables, path), family, linear_as_conv=linear_as_conv)
+  return from_flax(_subtree(load_variables(), path), family, linear_as_conv=linear_as_conv)

@@ -211,7 +211,8 @@ def test_sequence_evaluation_loads_each_side_info_once_and_shares_hops(seq_run, 
   from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
   assert sequence.run(_stage_cfg("eval"), str(tmp_path / "eval"), common.Context(workdir=str(tmp_path)))
   assert sorted(loads) == ["side1", "side2"]
-  # 11 hop applications over the 8 rows; h2 and h2_none are shared. h3 runs twice: on v2 and on h2(v1).
+  # 9 hop applications over the 8 rows (11 without sharing): h2 and h2_none once each, shared by two rows; h3 (and
+  # h3_none) twice, on v2 and on h2(v1).
   assert sorted(applied) == sorted(["h2", "h3", "g2", "h3", "h13", "h2_none", "h3_none", "h3_none", "h13_none"])
   got = json.load(open(tmp_path / "results.json"))
   want = json.load(open(os.path.join(wd, "results.json")))

@@ -128,7 +128,6 @@ class Block(nn.Module):
     super().__init__()
     self.conv = nn.Conv2d(cin, cout, 1, bias=last)
     self.normalizer = None if last else nn.BatchNorm2d(cout)
-    self.last = last
 
   def forward(self, x):
     x = self.conv(x)
