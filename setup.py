@@ -48,6 +48,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fct_jax", "fct_jax.*", "configs"]),
+    # The paper's tables, read by fct_jax.report at import.
+    package_data={"fct_jax.report": ["paper_tables.json"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -16,6 +16,7 @@ Peers, side by side in one run (ratios matter on shared CPUs, absolute numbers l
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import platform
@@ -89,7 +90,7 @@ def main():
   if args.num_images < args.batch:
     p.error(f"--num-images {args.num_images} is less than one --batch ({args.batch}): the pipeline would time nothing")
 
-  from fct_jax.data import augment, pipeline, tfds_source  # pylint: disable=g-import-not-at-top
+  from fct_jax.data import augment, image_spec, photos, pipeline, tfds_source  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as d:
     name = build_dataset(d, args.num_images, args.height, args.width)
@@ -100,15 +101,18 @@ def main():
     jpeg_kb = float(np.mean([len(e["image"]) for e in examples])) / 1024
     results = {}
     for tag, draft in (("draft", True), ("full", False)):
-      results[f"transform/{tag}"] = rate(lambda: [augment.inception_crop_flip(e, np.random.default_rng(i), draft=draft)
+      train_tf = functools.partial(photos.inception_crop_flip, spec=image_spec.PHOTOS, draft=draft)
+      eval_tf = functools.partial(photos.resize_center_crop, spec=image_spec.PHOTOS, draft=draft)
+      results[f"transform/{tag}"] = rate(lambda: [train_tf(e, np.random.default_rng(i))
                                                   for i, e in enumerate(examples)], n)
-      results[f"eval/{tag}"] = rate(lambda: [augment.resize_center_crop(e, draft=draft) for e in examples], n)
+      results[f"eval/{tag}"] = rate(lambda: [eval_tf(e) for e in examples], n)
     results["read+deserialise"] = rate(lambda: [src[i] for i in range(n)], n)
     steps = n // args.batch
     for t in (int(x) for x in args.threads.split(",")):
       def run():
         for _ in pipeline.train_batches(src, global_batch_size=args.batch, seed=0, start_step=0, num_steps=steps,
-                                        transform=augment.inception_crop_flip, num_threads=t,
+                                        transform=augment.train_transform("inception_crop_flip", image_spec.PHOTOS),
+                                        num_threads=t,
                                         process_index=0, process_count=1):
           pass
       run_rate = rate(run, steps * args.batch)

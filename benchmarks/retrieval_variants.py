@@ -98,14 +98,14 @@ def main():
     try:
       def stats():
         return kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, count_method=method,
-                                 query_block=block, progress=False)
+                                 query_block=block)
       (got, seen), entry["first_call_s_incl_compile"], _ = best_of(lambda: _captured_call(kernel, stats), 1)
       fn, fargs = seen["fn"], seen["args"]
       entry["query_block"] = int(fargs[0].shape[1])
       entry["calls"] = seen["calls"]
       _, entry["evaluate_s"], entry["evaluate_all"] = best_of(
           lambda: retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, count_method=method,
-                                     query_block=block, progress=False), args.repeats)
+                                     query_block=block), args.repeats)
       _, entry["kernel_s"], entry["kernel_all"] = best_of(lambda: jax.block_until_ready(fn(*fargs)),
                                                           args.repeats + 2)
       entry["metrics"] = metrics.metrics_from_stats(got)

@@ -61,11 +61,11 @@ import numpy as np  # noqa: E402
 from benchmarks.bench_io import write_json  # noqa: E402
 
 from configs import imagenet  # noqa: E402
-from fct_jax import checkpoint, optim, sharding, train_lib  # noqa: E402
+from fct_jax import artifacts, checkpoint, optim, sharding, train_lib, train_steps  # noqa: E402
 from fct_jax.gallery import cost  # noqa: E402
 from fct_jax.data import sources  # noqa: E402
 from fct_jax.retrieval import cases as cases_lib  # noqa: E402
-from fct_jax.stages import common, side_info, transformation  # noqa: E402
+from fct_jax.stages import common, transformation  # noqa: E402
 
 
 def steady_seconds_per_step(stage_dir):
@@ -80,7 +80,7 @@ def steady_seconds_per_step(stage_dir):
 def step_flops(cfg, ctx):
   """(frozen models' forward, h's forward + backward) FLOPs on one training batch, from XLA's cost analysis."""
   frozen = transformation.load_frozen(cfg, ctx)
-  h = transformation.build_h(cfg, frozen.dims["old"], frozen.dims["new"])
+  h = artifacts.build_h(cfg, frozen.dims["old"], frozen.dims["new"])
   source, _ = sources.get_source(cfg.data, cfg.split)
   b = int(cfg.train.batch_size)
   images = jax.ShapeDtypeStruct((b,) + np.shape(source[0]["image"]), jnp.float32)
@@ -138,9 +138,9 @@ def _paper_workdir(workdir, args):
   for name, seed in (("old", 1), ("side_info", 4), ("new", 2)):
     scfg = stages[name]
     if scfg.kind == "backbone":
-      module = common.build_backbone(scfg, sources.get_source(scfg.data, scfg.split)[1].num_classes)
+      module = artifacts.build_backbone(scfg, sources.get_source(scfg.data, scfg.split)[1].num_classes)
     else:
-      module = side_info.build_model(scfg)
+      module = artifacts.build_side_model(scfg)
     t0 = time.perf_counter()
     params[name] = _random_stage(workdir, scfg, module, size, seed)
     print(f"[paper-scale] random {scfg.model.name} stage {name!r} ({params[name] / 1e6:.2f} M params) in "
@@ -168,7 +168,7 @@ def _real_step(cfg, task, num_examples, batch):
   """``(train_step, init_state, impl)``: the training loop's own step (``train_lib.make_train_step``: loss,
   backward, optimizer update) for ``task`` with ``cfg``'s optimizer and schedule, and its state initialiser
   (``train_lib.make_state_init``) on a batch shaped like ``batch``, as ``train_lib.train`` builds them."""
-  steps_per_epoch, total = train_lib.steps_for(cfg.train, num_examples)
+  steps_per_epoch, total = train_lib.resolve_steps(cfg.train, num_examples)
   tx, _ = optim.make_optimizer(cfg.train.optimizer, total, steps_per_epoch)
   impl = cfg.get("prng_impl", "rbg")
   step = train_lib.make_train_step(task, tx, int(cfg.seed), impl)
@@ -233,8 +233,8 @@ def _interleaved(cfgs, tasks, base, ctx, b, views, per_call, paper_batch, paper_
   def cached_setup(batch, rows_task):
     vec = {k: jax.ShapeDtypeStruct((batch,) + np.shape(v)[1:], jnp.float32) for k, v in rows_task.arrays.items()}
     step, init, _ = _real_step(cfgs["cached"], rows_task, ca_n, vec)
-    arrays = train_lib.shard_rows(rows_task.arrays, mesh)
-    call = jax.jit(train_lib.make_multi_step(step, train_lib.gather_rows(mesh)),
+    arrays = train_steps.shard_rows(rows_task.arrays, mesh)
+    call = jax.jit(train_steps.make_multi_step(step, train_steps.gather_rows(mesh)),
                    in_shardings=(repl, None, jax.tree.map(lambda _: data_sh, arrays), repl, repl),
                    out_shardings=(repl, repl), donate_argnums=(0,))
     return step, init, call, arrays, vec
@@ -297,7 +297,7 @@ def paper_scale(args):
     raise SystemExit(f"--num-images ({args.num_images}) must be at least --batch ({b})")
   own = not args.workdir
   wd = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="fct_paper_scale_"))
-  ctx = common.Context(workdir=wd)
+  ctx = artifacts.Context(workdir=wd)
   load0 = os.getloadavg()
   t_all = time.perf_counter()
   try:
@@ -430,7 +430,7 @@ def main():
     p.error("--workdir is required (or --paper-scale)")
   wd = os.path.abspath(args.workdir)
   base = checkpoint.read_json(os.path.join(wd, args.stage, "config.json"))
-  ctx = common.Context(workdir=wd)
+  ctx = artifacts.Context(workdir=wd)
   out = {"stage": args.stage, "augment": base["augment"], "cache_views": base.get("cache_views", 1)}
   for mode in ("online", "cached"):
     name = f"{args.stage}_bench_{mode}"
@@ -451,14 +451,14 @@ def main():
       out[mode]["cache_seconds"] = checkpoint.read_json(os.path.join(d, "features", "meta.json"))["seconds"]
   ecfg = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(wd, args.eval_stage, "config.json")))
   source, _ = sources.get_source(ecfg.data, ecfg.split)
-  labels = common.source_labels(source)
+  labels = artifacts.source_labels(source)
   emb = {}
   for role in ("old", "new"):
-    module, variables, _ = common.load_backbone(ctx, ecfg[role], "benchmark")
-    emb[role] = common.embed(module, variables, source, batch_size=500, transform=common.eval_transform(ecfg))
+    module, variables, _ = artifacts.load_backbone(ctx, ecfg[role], "benchmark")
+    emb[role] = artifacts.embed(module, variables, source, batch_size=500, transform=artifacts.eval_transform(ecfg))
   for mode in ("online", "cached"):
-    h, _, side = transformation.load_h(ctx, f"{args.stage}_bench_{mode}", "benchmark")
-    emb[f"h_{mode}"] = h(emb["old"], side.embed(source, batch_size=500))
+    h, _, side = artifacts.load_h(ctx, f"{args.stage}_bench_{mode}", "benchmark")
+    emb[f"h_{mode}"] = h(emb["old"], side.embed(source, batch_size=500, transform=artifacts.eval_transform(ecfg)))
   res = cases_lib.evaluate_cases(emb, labels, [("new", "h_online"), ("new", "h_cached"), ("old", "old"),
                                                ("new", "old")])
   out["results"] = cases_lib.to_jsonable(res)

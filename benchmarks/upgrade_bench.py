@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.bench_io import write_json  # noqa: E402
 
+from fct_jax import sharding  # noqa: E402
 from fct_jax.gallery import store as store_lib  # noqa: E402
 from fct_jax.gallery import upgrade as upgrade_lib  # noqa: E402
 from fct_jax.models.transformation import FCTTransformation  # noqa: E402
@@ -125,7 +126,7 @@ def main():
   base = args.store_dir or ("/dev/shm" if args.gpu and os.path.isdir("/dev/shm") else None)
   tmp = tempfile.mkdtemp(prefix="fct_upgrade_bench_", dir=base)
   try:
-    mesh = upgrade_lib.local_mesh()
+    mesh = sharding.make_mesh(jax.local_devices())
     t, h, variables = make_transform()
     t0 = time.perf_counter()
     src = make_source(os.path.join(tmp, "src"), n, chunk)

@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
-STAGE_KEYS = ("stage", "runlocal")
+from fct_jax import config_schema
 
 
 def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
@@ -27,119 +27,86 @@ def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def optimizer(name: str, lr: float, *, weight_decay: float = 0.0, warmup_epochs: float = 0.0,
-              schedule: str = "cosine", **kw) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict({"name": name, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
-                                 "warmup_epochs": warmup_epochs, "warmup_steps": 0, "grad_clip_norm": 0.0,
-                                 "momentum": 0.9, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                 "trust_coefficient": 0.001})
-  c.update(kw)
-  return c
+def optimizer(name: str, lr: float, **fields) -> ml_collections.ConfigDict:
+  """The ``optimizer`` block: ``name`` (momentum | nesterov | adam | adamw | lars | sgd), ``lr`` and any other field
+  of ``fct_jax.config_schema.OPTIMIZER`` given; the rest are the schema's defaults."""
+  return ml_collections.ConfigDict({"name": name, "lr": lr, **fields})
 
 
-def train(*, batch_size: int, epochs: float, optimizer_cfg, steps: int = 0, log_every_steps: int = 50,
-          eval_every_steps: int = 0, checkpoint_every_steps: int = 500, steps_per_call: int = 0,
-          arrays_on_device: bool = True) -> ml_collections.ConfigDict:
-  """The ``train`` block of a stage.
-
-  ``steps_per_call`` and ``arrays_on_device`` apply only to data already held as arrays (the transformation's
-  cached features, ``train_lib.Task.arrays``): optimizer steps per jitted call (0: ``train_lib``'s default) and
-  whether the arrays live on the devices (False: on the hosts, one step per call, for caches larger than device
-  memory). Neither changes the result, so a run may be resumed with other values.
-  """
-  return ml_collections.ConfigDict({
-      "batch_size": batch_size, "epochs": float(epochs), "steps": steps, "optimizer": optimizer_cfg,
-      "log_every_steps": log_every_steps, "eval_every_steps": eval_every_steps,
-      "checkpoint_every_steps": checkpoint_every_steps, "keep_checkpoints": 2, "num_data_threads": 2,
-      "steps_per_call": steps_per_call, "arrays_on_device": arrays_on_device})
+def train(*, batch_size: int, epochs: float, optimizer_cfg, **fields) -> ml_collections.ConfigDict:
+  """The ``train`` block of a stage: batch, duration (epochs, or ``steps`` > 0), optimizer and any other field of
+  ``fct_jax.config_schema.TRAIN`` given (cadences, ``steps_per_call``, ``arrays_on_device``)."""
+  return ml_collections.ConfigDict({"batch_size": batch_size, "epochs": float(epochs), "optimizer": optimizer_cfg,
+                                    **fields})
 
 
-# = fct_jax.losses.LOSS_KINDS, spelled out: config files import only ml_collections (no jax at config time).
-LOSS_KINDS = ("softmax", "arcface")
-# = fct_jax.stages.side_info.INPUT_NORMS, spelled out for the same reason.
-INPUT_NORMS = ("none", "image")
-
-
-def loss_block(*, label_smoothing: float, loss_kind: str = "softmax", arcface_scale: float = 64.0,
-               arcface_margin: float = 0.5) -> dict:
-  """The ``loss`` block of the classification-trained stages (backbones, alternate old models)."""
-  if loss_kind not in LOSS_KINDS:
-    raise ValueError(f"unknown loss_kind {loss_kind!r}; valid: {', '.join(LOSS_KINDS)}")
-  return {"kind": loss_kind, "label_smoothing": label_smoothing, "arcface_scale": float(arcface_scale),
-          "arcface_margin": float(arcface_margin)}
-
-
-def with_head(model, head: str = "") -> ml_collections.ConfigDict:
-  """A copy of the model block with ``head`` set ("linear" or "arcface"; "" keeps the block's own, else linear)."""
+def with_head(model, head: str) -> ml_collections.ConfigDict:
+  """A copy of the model block with classifier ``head`` ("linear" or "arcface")."""
   m = ml_collections.ConfigDict(model.to_dict() if hasattr(model, "to_dict") else dict(model))
-  m.head = head or m.get("head", "linear") or "linear"
+  m.head = head
   return m
 
 
-def backbone_stage(name: str, *, data, split: str, model, train_cfg, seed: int, label_smoothing: float = 0.1,
-                   augment: str = "none", eval_split: str = "", eval_batch_size: int = 256, bct_old: str = "",
-                   bct_weight: float = 1.0, loss_kind: str = "softmax", arcface_scale: float = 64.0,
-                   arcface_margin: float = 0.5):
+# The builders' flat keywords → the schema field each sets (the other keywords are schema fields themselves).
+ALIASES = {"train_cfg": "train", "label_smoothing": "loss.label_smoothing", "loss_kind": "loss.kind",
+           "arcface_scale": "loss.arcface_scale", "arcface_margin": "loss.arcface_margin", "bct_old": "bct.old",
+           "bct_weight": "bct.weight", "projection_hidden_dim": "simclr.projection.hidden_dim",
+           "projection_dim": "simclr.projection.out_dim", "projection_layers": "simclr.projection.num_layers",
+           "temperature": "simclr.temperature", "views": "simclr.views", "mixup_alpha": "mixup.alpha",
+           "side_info_kind": "side_info.kind", "side_info_dim": "side_info.dim", "side_info_stage": "side_info.stage"}
+
+
+def _plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def _put(block: dict, path: str, value):
+  """Sets ``block[path]`` (dotted), merging into a block already there."""
+  *parents, key = path.split(".")
+  for p in parents:
+    block = block.setdefault(p, {})
+  value = _plain(value)
+  if isinstance(value, dict) and isinstance(block.get(key), dict):
+    for k, v in value.items():
+      _put(block[key], k, v)
+  else:
+    block[key] = value
+
+
+def build_stage(kind: str, name: str, **fields) -> ml_collections.ConfigDict:
+  """The resolved config of stage ``name`` of ``kind``: the given fields (schema names or :data:`ALIASES`) over
+  the schema's defaults (``fct_jax.config_schema``); an unknown field raises ``ValueError`` naming the valid ones."""
+  given = {"name": name, "kind": kind}
+  for key, value in fields.items():
+    _put(given, ALIASES.get(key, key), value)
+  return config_schema.resolve(given)
+
+
+def backbone_stage(name: str, **fields):
   """φ_old / φ_new: softmax cross-entropy (or ArcFace) with label smoothing on ``split``.
 
-  ``loss_kind="arcface"``: the ArcFace loss with scale ``arcface_scale`` and angular margin ``arcface_margin``
-  (ArcFace's s = 64, m = 0.5); the model block must then have ``head="arcface"`` (the stage refuses a mismatch).
-  The stage's model block always carries ``head`` (default "linear"), so ``--config.model.head=arcface
-  --config.loss.kind=arcface`` switches a stage to ArcFace from the command line.
-  ``bct_old`` (a finished backbone stage) makes it BCT's new model: + ``bct_weight`` × the influence loss through
-  that stage's frozen classifier (and with that stage's own loss), extended with its class means for the classes
-  it never saw.
+  ``loss_kind="arcface"``: the ArcFace loss (``arcface_scale``, ``arcface_margin``); the model block must then have
+  ``head="arcface"`` (the stage refuses a mismatch; ``--config.stages.NAME.model.head=arcface
+  --config.stages.NAME.loss.kind=arcface`` switches a stage to ArcFace). ``bct_old`` (a finished backbone stage)
+  makes it BCT's new model: + ``bct_weight`` × the influence loss through that stage's frozen classifier (and with
+  that stage's own loss), extended with its class means for the classes it never saw.
   """
-  return ml_collections.ConfigDict({
-      "name": name, "kind": "backbone", "seed": seed, "data": data, "split": split, "model": with_head(model),
-      "loss": loss_block(label_smoothing=label_smoothing, loss_kind=loss_kind, arcface_scale=arcface_scale,
-                         arcface_margin=arcface_margin),
-      "bct": {"old": bct_old, "weight": bct_weight},
-      "train": train_cfg, "augment": augment,
-      "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
+  return build_stage("backbone", name, **fields)
 
 
-def side_info_stage(name: str, *, method: str = "simclr", data, split: str, model, train_cfg, seed: int,
-                    projection_hidden_dim: int = 2048, projection_dim: int = 128, projection_layers: int = 2,
-                    temperature: float = 0.1, views=None, label_smoothing: float = 0.1, mixup_alpha: float = 0.2,
-                    augment: str = "none", eval_split: str = "", eval_batch_size: int = 256,
-                    loss_kind: str = "softmax", arcface_scale: float = 64.0, arcface_margin: float = 0.5,
-                    input_norm: str = "none"):
+def side_info_stage(name: str, **fields):
   """ψ: the side-information model, trained on ``split`` (images only, except for the alternate old models).
 
   ``method``: simclr | autoencoder | alt_old | alt_old_mixup (see ``fct_jax/stages/side_info.py``). The width of
   ψ is ``model.embedding_dim``. ``simclr`` uses the ``simclr`` block (projection head, temperature, two-view
   augmentation ``views``: keyword arguments of ``augment.simclr_view``); the others use ``augment`` (a train
-  transform), ``loss.label_smoothing`` and ``mixup.alpha``; ``alt_old`` and ``alt_old_mixup`` also ``loss.kind``
-  (``loss_kind``, ``arcface_scale``, ``arcface_margin`` as in :func:`backbone_stage`: an ArcFace alternate old
-  model).
-  ``input_norm="image"`` standardises every input image by its own mean and standard deviation inside ψ (for every
-  method, in training and wherever ψ is computed later; ``"none"``: ψ sees the images as they are). See
-  ``fct_jax/stages/side_info.py``.
+  transform), ``loss`` and ``mixup.alpha``. ``input_norm="image"`` standardises every input image by its own mean
+  and standard deviation inside ψ (for every method, in training and wherever ψ is computed later).
   """
-  if input_norm not in INPUT_NORMS:
-    raise ValueError(f"unknown input_norm {input_norm!r}; valid: {', '.join(INPUT_NORMS)}")
-  v = {"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5, "jitter_prob": 0.8,
-       "grayscale_prob": 0.2, "blur_prob": 0.0}
-  v.update(views or {})
-  if method in ("alt_old", "alt_old_mixup"):  # classifiers: the head is explicit, as in backbone_stage
-    model = with_head(model)
-  return ml_collections.ConfigDict({
-      "name": name, "kind": "side_info", "method": method, "seed": seed, "data": data, "split": split,
-      "model": model, "train": train_cfg, "input_norm": input_norm,
-      "simclr": {"projection": {"hidden_dim": projection_hidden_dim, "out_dim": projection_dim,
-                                "num_layers": projection_layers},
-                 "temperature": temperature, "augment": "simclr", "views": v},
-      "loss": loss_block(label_smoothing=label_smoothing, loss_kind=loss_kind, arcface_scale=arcface_scale,
-                         arcface_margin=arcface_margin),
-      "mixup": {"alpha": mixup_alpha}, "augment": augment,
-      "eval_split": eval_split, "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
+  return build_stage("side_info", name, **fields)
 
 
-def transformation_stage(name: str, *, data, split: str, model, train_cfg, seed: int, old: str = "old",
-                         new: str = "new", side_info_kind: str = "none", side_info_dim: int = 0,
-                         side_info_stage: str = "", augment: str = "none", bn_eval_after: float = 0.5,
-                         feature_mode: str = "online", cache_views: int = 1, eval_batch_size: int = 256):
+def transformation_stage(name: str, **fields):
   """h(φ_old, ψ) ≈ φ_new with the L2 loss; ``old``/``new`` name the upstream stages (``new`` a side_info stage:
   g(φ_i, ψ_i) ≈ ψ_{i+1} for update sequences).
 
@@ -150,56 +117,86 @@ def transformation_stage(name: str, *, data, split: str, model, train_cfg, seed:
   ``eval_batch_size`` is the caching pass's batch. ``bn_eval_after``: fraction of the steps after which h's
   BatchNorm runs in eval mode.
   """
-  return ml_collections.ConfigDict({
-      "name": name, "kind": "transformation", "seed": seed, "data": data, "split": split, "model": model,
-      "old": old, "new": new,
-      "side_info": {"kind": side_info_kind, "dim": side_info_dim, "stage": side_info_stage},
-      "train": train_cfg, "augment": augment, "bn_eval_after": bn_eval_after, "feature_mode": feature_mode,
-      "cache_views": cache_views,
-      "eval_batch_size": eval_batch_size, "prng_impl": "rbg"})
+  return build_stage("transformation", name, **fields)
 
 
-def evaluation_stage(name: str, *, data, split: str, old: str = "old", new: str = "new",
-                     transformation: str = "transformation", compare_transformations: Sequence[str] = (),
-                     probe_fields: Sequence[str] = ("label",), eval_batch_size: int = 256, bct: str = "",
-                     paper_table: str = ""):
+def evaluation_stage(name: str, **fields):
   """The case table; ``compare_transformations`` add rows ``new/h[<side-info kind>]``; ``probe_fields`` are the
   example fields on which ψ, φ_old and φ_new are scored by leave-one-out 1-NN (with CKA(φ_old, ψ)); ``bct`` (a
   BCT backbone stage) adds the rows ``bct-new/old`` and ``bct-new/bct-new``; ``paper_table`` (e.g. ``"table1"``,
   a key of ``fct_jax.report.PAPER_TABLES``) prints the paper's numbers beside ours in results.md."""
-  return ml_collections.ConfigDict({
-      "name": name, "kind": "evaluation", "data": data, "split": split, "old": old, "new": new, "bct": bct,
-      "transformation": transformation, "compare_transformations": list(compare_transformations),
-      "probe_fields": list(probe_fields), "eval_batch_size": eval_batch_size, "paper_table": paper_table})
+  return build_stage("evaluation", name, **fields)
+
+
+def fct_plan(*, data, old_model, new_model, backbone, side_info, transformation, evaluation, ablation=(),
+             every=None) -> list:
+  """The FCT plan: old → side_info → new → bct_new → transformation_none → transformation [→ ablation] → eval.
+
+  old (seed 1) is trained on ``old_train``; new and the BCT baseline bct_new (seed 2; + the influence loss through
+  old's classifier) on ``new_train``; ψ (``side_info``, seed 4) on the old training images; the transformations
+  (seed 3) on ``new_train``, without (``transformation_none``) and with ψ (``transformation``); ``eval`` compares
+  both (rows ``new/h[<kind>]``) and bct_new.
+
+  Args:
+    data: the data block of every stage.
+    old_model, new_model: the backbones' model blocks.
+    backbone, side_info, transformation, evaluation: further fields of old / new / bct_new, of ψ (its ``method``,
+      ``model``, ``train``...), of every transformation (``model``, ``train``...) and of eval.
+    ablation: Table 6's other ψ: ``(method, short name, fields)``, each a side_info stage ``side_<short>`` (seed 5,
+      ``old_train``) and its transformation ``transformation_<short>``, compared in eval.
+    every: fields of every stage (e.g. ``eval_augment``).
+
+  Returns:
+    the stage configs in order.
+  """
+  every = dict(every or {})
+  side = lambda name, seed, fields: side_info_stage(name, data=data, split="old_train", seed=seed,
+                                                    **every, **fields)
+
+  def h(name, side_stage=None):
+    kw = {}
+    if side_stage is not None:
+      kw = dict(side_info_kind=side_stage.method, side_info_dim=int(side_stage.model.embedding_dim),
+                side_info_stage=side_stage.name)
+    return transformation_stage(name, data=data, split="new_train", seed=3, **every, **transformation, **kw)
+
+  psi = side("side_info", 4, side_info)
+  stages = [
+      backbone_stage("old", data=data, split="old_train", model=old_model, seed=1, **every, **backbone), psi,
+      backbone_stage("new", data=data, split="new_train", model=new_model, seed=2, **every, **backbone),
+      backbone_stage("bct_new", data=data, split="new_train", model=new_model, seed=2, bct_old="old", **every,
+                     **backbone),
+      h("transformation_none"), h("transformation", psi)]
+  compared = ["transformation_none", "transformation"]
+  for method, short, fields in ablation:
+    alt = side(f"side_{short}", 5, dict(fields, method=method))
+    stages += [alt, h(f"transformation_{short}", alt)]
+    compared.append(f"transformation_{short}")
+  stages.append(evaluation_stage("eval", data=data, split="eval", compare_transformations=compared, bct="bct_new",
+                                 **every, **evaluation))
+  return stages
 
 
 def experiment(name: str, stages: Sequence[ml_collections.ConfigDict], stage: str = ""):
-  """The whole plan, or — when ``stage`` names one — that stage's config with its fields at the top level."""
-  by_name = {s.name: s for s in stages}
-  if stage:
-    if stage not in by_name:
-      raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(by_name)}")
-    c = ml_collections.ConfigDict(by_name[stage].to_dict())
-    c.experiment = name
-    c.stage = stage
-    return c
-  return ml_collections.ConfigDict({"experiment": name, "stage": "", "plan": list(by_name),
+  """The plan: ``experiment``, ``plan`` (stage names in order), ``stages`` (resolved) and ``stage`` (``""``: the
+  whole plan; a stage name: that stage alone). Overrides are ``--config.stages.NAME.FIELD=VALUE`` either way."""
+  by_name = {s.name: config_schema.resolve(s) for s in stages}
+  if stage and stage not in by_name:
+    raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(by_name)}")
+  return ml_collections.ConfigDict({"experiment": name, "stage": stage, "plan": list(by_name),
                                     "stages": {k: v.to_dict() for k, v in by_name.items()}})
 
 
-def sequence_evaluation_stage(name: str, *, data, split: str, backbones: Sequence[str], rows,
-                              eval_batch_size: int = 256):
+def sequence_evaluation_stage(name: str, *, rows, **fields):
   """Table 5: ``backbones`` against themselves plus ``rows`` ``(name, query, hops)``: the query backbone against the
   first version's stored φ, ψ upgraded through ``hops`` (``[[h, g], ...]``; see fct_jax/stages/sequence.py)."""
-  return ml_collections.ConfigDict({
-      "name": name, "kind": "sequence_evaluation", "data": data, "split": split, "backbones": list(backbones),
-      "rows": [{"name": n, "query": q, "hops": [list(h) for h in hops]} for n, q, hops in rows],
-      "eval_batch_size": eval_batch_size})
+  rows = [{"name": n, "query": q, "hops": [list(h) for h in hops]} for n, q, hops in rows]
+  return build_stage("sequence_evaluation", name, rows=rows, **fields)
 
 
 def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, h_model, backbone_train,
                     side_train, h_train, side_kwargs=None, backbone_kwargs=None, h_kwargs=None,
-                    eval_split: str = "eval", eval_batch_size: int = 256):
+                    eval_split: str = "eval", **every):
   """An update sequence v1 → v2 → … → vN (the paper's §4.4: Table 5 for N = 3), with and without side-information.
 
   Stages: backbones ``v1..vN`` (on ``splits``), SimCLR side-information ``side1..side{N-1}`` (each on its
@@ -215,6 +212,8 @@ def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, 
     backbone_model, side_model, h_model: model blocks.
     backbone_train, side_train, h_train: ``fn(stage index or name) -> train config`` (fresh ConfigDicts).
     side_kwargs, backbone_kwargs, h_kwargs: extra keyword arguments of the stage builders.
+    eval_split: the sequence evaluation's split.
+    **every: fields of every stage (e.g. ``eval_batch_size``, ``eval_augment``).
   """
   n = len(splits)
   if n < 3:
@@ -224,15 +223,15 @@ def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, 
   stages = []
   for i, split in enumerate(splits, start=1):
     stages.append(backbone_stage(f"v{i}", data=data, split=split, model=backbone_model, train_cfg=backbone_train(i),
-                                 seed=10 + i, eval_batch_size=eval_batch_size, **bk))
+                                 seed=10 + i, **every, **bk))
     if i < n:  # the last version's ψ would only serve a further update
       stages.append(side_info_stage(f"side{i}", method="simclr", data=data, split=split, model=side_model,
-                                    train_cfg=side_train(i), seed=20 + i, eval_batch_size=eval_batch_size, **sk))
+                                    train_cfg=side_train(i), seed=20 + i, **every, **sk))
 
   def h(name, old, new, split, side):
     kw = dict(side_info_kind="simclr", side_info_dim=d_side, side_info_stage=side) if side else {}
     return transformation_stage(name, data=data, split=split, model=h_model, train_cfg=h_train(name), seed=30,
-                                old=old, new=new, eval_batch_size=eval_batch_size, **kw, **hk)
+                                old=old, new=new, **every, **kw, **hk)
 
   for i in range(2, n + 1):
     stages += [h(f"h{i}", f"v{i - 1}", f"v{i}", splits[i - 1], f"side{i - 1}"),
@@ -258,6 +257,5 @@ def sequence_stages(*, data, splits: Sequence[str], backbone_model, side_model, 
     rows += [(f"{name}{tag}", query, hops) for name, query, hops in (chain(k, none) for k in range(3, n + 1))]
     rows.append((f"v{n}/{direct}(v1){tag}", f"v{n}", [[f"{direct}{suffix}", ""]]))
   stages.append(sequence_evaluation_stage("eval", data=data, split=eval_split,
-                                          backbones=tuple(f"v{i}" for i in range(1, n + 1)), rows=rows,
-                                          eval_batch_size=eval_batch_size))
+                                          backbones=[f"v{i}" for i in range(1, n + 1)], rows=rows, **every))
   return stages

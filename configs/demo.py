@@ -16,17 +16,8 @@ Result (deterministic): top-1 % old/old 55.4, new/old 12.0, new/new 92.0, bct-ne
 new/h[simclr] 87.5, h/h 84.0. ψ knows the shapes φ_old threw away: shape 1-NN 80.3 % for ψ vs 55.4 % for φ_old,
 linear probe 64.3 vs 51.3 (chance 20 %), CKA(φ_old, ψ) 0.22.
 
-How ψ got there (issue #5; ψ's shape 1-NN / linear probe %, φ_old 55.4 / 51.3). The former recipe (6 epochs, no
-input standardisation, no gamma) gave 52.0 / 53.1 (45.2 / 50.6 with another seed): linear fits on the background
-level, the shape/background contrast and the colour explain 40 %, 46 % and 28 % of its features' variance, the
-shape 9 % — cues SimCLR's affine brightness/contrast jitter leaves intact and a fresh CNN starts out encoding.
-No single change among (6 epochs) temperature 0.1 or 0.5, lr 0.3, no rotation, crops (0.8, 1), gamma 2 or 3 ±
-inversion; (12 epochs) AdamW, batch 64 or 256, wider CNN, crops (0.08 | 0.2, 1), blur, added noise, gamma without
-standardisation, 128-d ψ (57.0 / 62.8), stem stride 1 (60.3 / 58.1, twice the time) reached +10 on 1-NN; the
-former recipe itself gave 55.9 / 56.5 at 12 epochs and 62.3 / 56.7 at 24. ψ standardising each image itself
-(``input_norm="image"``, 12 epochs): 62.1 / 58.1; plus a per-channel gamma in [1/2, 2] on the views: 75.0 / 60.2
-(71.0 / 61.6 other seed); then 18 epochs: 80.3 / 64.3 (80.4 / 68.3 other seed; 24 epochs: 81.0 / 69.3), with
-background 10 %, contrast 23 %, colour 22 % and shape 31 % of ψ's variance.
+ψ's recipe (18 SimCLR epochs, per-image input standardisation, a per-channel gamma on the views) and what was
+tried before it, with numbers: docs/performance.md, "The demo's side-information".
 
 The side-information ablation of the paper's Table 6 (adds autoencoder, alternate-old and alternate-old + mixup
 side-information, each with its own h; rows ``new/h[<kind>]``):
@@ -35,7 +26,7 @@ side-information, each with its own h; rows ``new/h[<kind>]``):
 
 One stage, with an override:
 
-  python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.train.epochs=3
+  python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.stages.old.train.epochs=3
 
 Tiny form for tests (seconds): ``--config=configs/demo.py:runlocal``.
 Expected (full demo): new/new top-1 far above old/old; new/old near chance (5% for 20 classes); new/h[simclr]
@@ -72,7 +63,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     side_kw = dict(projection_hidden_dim=128, projection_dim=64)
     h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 256})
     tr = None
-    # SimCLR gets 18 epochs (6 were too few for shape to emerge; issue #5); the ablation's other kinds of ψ keep
+    # SimCLR gets 18 epochs (6 were too few for shape to emerge; docs/performance.md); the ablation's other kinds of ψ keep
     # their 6.
     bb_epochs, h_epochs, side_epochs, ablation_side_epochs = 8, 8, 18, 6
     eval_bs = 500
@@ -91,7 +82,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   simclr_opt = lambda: common.optimizer("momentum", 0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=1)
   # SimCLR views for the demo's shapes: crops large enough to keep the shape in view, any hue (hue alone would
   # tell images apart and suppress the harder shape feature) and any rotation (a nuisance here), so that the
-  # contrastive task is solved by shape — what φ_old threw away. Two more shortcuts had to go (issue #5; numbers in
+  # contrastive task is solved by shape — what φ_old threw away. Two more shortcuts had to go (numbers in docs/performance.md,
   # the module docstring): the background level and the shape/background contrast survive SimCLR's affine
   # brightness/contrast jitter. ψ standardises each image itself (``input_norm="image"`` below: exact invariance to
   # global a·x + b), and a per-channel gamma in [1/2, 2] changes the foreground/background intensity ratio.
@@ -99,46 +90,26 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                 "gamma": 2.0}
   # Cached feature mode (our addition; see fct_jax/stages/transformation.py): K augmented views per image embedded
   # once, then h trains on vectors. README: epoch cost and compatibility against the online mode.
-  h_kw = dict(data=data, split="new_train", model=h_model, feature_mode="cached", augment=h_augment,
+  h_kw = dict(model=h_model, train_cfg=train(adam(), h_epochs), feature_mode="cached", augment=h_augment,
               cache_views=h_views, eval_batch_size=eval_bs)
-  stages = [
-      common.backbone_stage("old", data=data, split="old_train", model=model, train_cfg=train(sgd(), bb_epochs),
-                            seed=1, eval_batch_size=eval_bs),
-      # Side-information is trained at old time, on the old training images, without their labels.
-      common.side_info_stage("side_info", method="simclr", data=data, split="old_train", model=side_model,
-                             train_cfg=train(simclr_opt(), side_epochs), seed=4, temperature=0.2, views=demo_views,
-                             input_norm="image", eval_batch_size=eval_bs, **side_kw),
-      common.backbone_stage("new", data=data, split="new_train", model=model, train_cfg=train(sgd(), bb_epochs),
-                            seed=2, eval_batch_size=eval_bs),
-      # The BCT baseline: the new model's recipe + the influence loss through old's frozen, extended classifier.
-      common.backbone_stage("bct_new", data=data, split="new_train", model=model,
-                            train_cfg=train(sgd(), bb_epochs), seed=2, eval_batch_size=eval_bs, bct_old="old"),
-      common.transformation_stage("transformation_none", train_cfg=train(adam(), h_epochs), seed=3, **h_kw),
-      common.transformation_stage("transformation", train_cfg=train(adam(), h_epochs), seed=3,
-                                  side_info_kind="simclr", side_info_dim=side_model.embedding_dim,
-                                  side_info_stage="side_info", **h_kw),
-  ]
-  compared = ["transformation_none", "transformation"]
+  ablation = ()
   if a.ablation:
     # Table 6's side-information ablation: every alternative to SimCLR, each with its own h (rows new/h[kind]).
     ae_settings = ((1, 8, 1, 2),) if a.runlocal else ((1, 16, 1, 2), (4, 32, 1, 2), (4, 64, 1, 2))
     ae_model = ml_collections.ConfigDict({"name": "autoencoder", "embedding_dim": side_model.embedding_dim,
                                           "settings": ae_settings})
     # The autoencoder diverges with the classifiers' SGD at lr 0.1 (the NaN guard stops it): Adam for it.
-    for method, short, m, opt in (("autoencoder", "ae", ae_model, adam), ("alt_old", "alt", side_model, sgd),
-                                  ("alt_old_mixup", "altmix", side_model, sgd)):
-      stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
-                                           train_cfg=train(opt(), ablation_side_epochs), seed=5,
-                                           augment="pad_crop_flip", eval_batch_size=eval_bs))
-      stages.append(common.transformation_stage(f"transformation_{short}", train_cfg=train(adam(), h_epochs),
-                                                seed=3, side_info_kind=method,
-                                                side_info_dim=side_model.embedding_dim,
-                                                side_info_stage=f"side_{short}", **h_kw))
-      compared.append(f"transformation_{short}")
-  stages += [
-      common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_bs,
-                              compare_transformations=compared,
-                              bct="bct_new",
-                              probe_fields=("label", "shape", "colour")),
-  ]
+    ablation = [(method, short, dict(model=m, train_cfg=train(opt(), ablation_side_epochs), augment="pad_crop_flip",
+                                     eval_batch_size=eval_bs))
+                for method, short, m, opt in (("autoencoder", "ae", ae_model, adam),
+                                              ("alt_old", "alt", side_model, sgd),
+                                              ("alt_old_mixup", "altmix", side_model, sgd))]
+  stages = common.fct_plan(
+      data=data, old_model=model, new_model=model,
+      backbone=dict(train_cfg=train(sgd(), bb_epochs), eval_batch_size=eval_bs),
+      # Side-information is trained at old time, on the old training images, without their labels.
+      side_info=dict(method="simclr", model=side_model, train_cfg=train(simclr_opt(), side_epochs), temperature=0.2,
+                     views=demo_views, input_norm="image", eval_batch_size=eval_bs, **side_kw),
+      transformation=h_kw, ablation=ablation,
+      evaluation=dict(eval_batch_size=eval_bs, probe_fields=["label", "shape", "colour"]))
   return common.experiment("demo_ablation" if a.ablation else "demo", stages, a.stage)

@@ -12,7 +12,7 @@ ml-fct only downloads pretrained SimCLR weights. BCT baseline: the new model's r
 through the old model's frozen classifier. The plan: old, side_info, new, bct_new, transformation_none (ψ = 0),
 transformation (ψ = SimCLR), eval — its table has every Table-1 row.
 
-VGGFace2 (Table 3) changes two things: ``loss_kind="arcface"`` trains every classification model (old, new,
+VGGFace2 (Table 3) changes two things: ``loss={"kind": "arcface", ...}`` trains every classification model (old, new,
 bct_new, the alternate old models) with an ArcFace head and loss, and ``side_info_method="alt_old"`` makes ψ the
 paper's *alternate old model* (the old model's recipe, another seed) instead of SimCLR.
 
@@ -50,10 +50,9 @@ def tfds_data(name: str, a, **fields) -> ml_collections.ConfigDict:
 
 def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_augment: str, eval_augment: str,
                      backbone_epochs: float = 100, h_epochs: float = 80, h_inner_dim: int = 2048,
-                     label_smoothing: float = 0.1, eval_batch_size: int = 1024,
+                     eval_batch_size: int = 1024,
                      runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = "",
-                     paper_table: str = "", loss_kind: str = "softmax", arcface_scale: float = 64.0,
-                     arcface_margin: float = 0.5, side_info_method: str = "simclr"):
+                     paper_table: str = "", loss=None, side_info_method: str = "simclr"):
   """Stages old → side_info → new → bct_new → transformation_none → transformation → eval, reference recipe.
 
   Args:
@@ -64,8 +63,9 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
     train_augment, eval_augment: transform names (``augment.TRAIN_TRANSFORMS`` / ``augment.EVAL_TRANSFORMS``).
     runlocal_data, runlocal_train_augment, runlocal_eval_augment: their tiny counterparts.
     paper_table: the paper's table of this experiment (``fct_jax.report.PAPER_TABLES``), shown beside ours.
-    loss_kind: "softmax" (linear heads, the reference recipe) or "arcface" (ArcFace heads and loss with
-      ``arcface_scale``, ``arcface_margin`` for every classification-trained model, runlocal included).
+    loss: fields of the ``loss`` block of every classification-trained model, runlocal included (None: the
+      schema's, softmax with label smoothing 0.1, the reference recipe); ``kind="arcface"`` also gives their models
+      ArcFace heads.
     side_info_method: ψ of the ``side_info`` stage (and of ``transformation``): "simclr" (the reference recipe,
       trained like SimCLR) or "alt_old" (another run of the old model's recipe, seed 4; the paper's VGGFace2 ψ).
   """
@@ -88,46 +88,23 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
       return common.train(batch_size=BATCH, epochs=epochs, optimizer_cfg=opt, log_every_steps=100,
                           checkpoint_every_steps=1000)
 
-  if loss_kind == "arcface":
+  if (loss or {}).get("kind") == "arcface":
     old_model, new_model = common.with_head(old_model, "arcface"), common.with_head(new_model, "arcface")
   # Every classification-trained stage: the loss, and its label smoothing.
-  cls = dict(label_smoothing=label_smoothing, loss_kind=loss_kind, arcface_scale=arcface_scale,
-             arcface_margin=arcface_margin)
+  cls = dict(loss=dict(loss)) if loss else {}
   h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": h_inner_dim})
   side_model = ml_collections.ConfigDict(old_model.to_dict())
   views = ({"out_size": 32, "crop_scale": (0.08, 1.0), "jitter_strength": 1.0, "blur_prob": 0.0} if a.runlocal
            else {"out_size": 224, "crop_scale": (0.08, 1.0), "jitter_strength": 1.0, "blur_prob": 0.5})
-  h_common = dict(data=data, split="new_train", model=h_model, augment=train_augment)
-  if side_info_method == "alt_old":
-    # The alternate old model: φ_old's architecture, recipe, data and loss; only the seed differs (paper §5.1).
-    side_stage = common.side_info_stage("side_info", method="alt_old", data=data, split="old_train",
-                                        model=old_model, train_cfg=train(backbone_sgd(), backbone_epochs), seed=4,
-                                        augment=train_augment, eval_batch_size=eval_batch_size, **cls)
-  else:
-    # ψ is trained at old time on the old training images, without their labels.
-    side_stage = common.side_info_stage("side_info", method="simclr", data=data, split="old_train",
-                                        model=side_model,
-                                        train_cfg=train(simclr_lars(), backbone_epochs), seed=4, temperature=0.1,
-                                        views=views, projection_hidden_dim=16 if a.runlocal else 2048,
-                                        projection_dim=8 if a.runlocal else 128, eval_batch_size=eval_batch_size)
-  stages = [
-      common.backbone_stage("old", data=data, split="old_train", model=old_model,
-                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=1, augment=train_augment,
-                            eval_batch_size=eval_batch_size, **cls),
-      side_stage,
-      common.backbone_stage("new", data=data, split="new_train", model=new_model,
-                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2, augment=train_augment,
-                            eval_batch_size=eval_batch_size, **cls),
-      common.backbone_stage("bct_new", data=data, split="new_train", model=new_model,
-                            train_cfg=train(backbone_sgd(), backbone_epochs), seed=2, augment=train_augment,
-                            eval_batch_size=eval_batch_size, bct_old="old", **cls),
-      common.transformation_stage("transformation_none", train_cfg=train(transformation_adam(), h_epochs), seed=3,
-                                  **h_common),
-      common.transformation_stage("transformation", train_cfg=train(transformation_adam(), h_epochs), seed=3,
-                                  side_info_kind=side_info_method, side_info_dim=int(side_model.embedding_dim),
-                                  side_info_stage="side_info", **h_common),
-  ]
-  compared = ["transformation_none", "transformation"]
+  sides = {
+      # The alternate old model: φ_old's architecture, recipe, data and loss; only the seed differs (paper §5.1).
+      "alt_old": dict(method="alt_old", model=old_model, train_cfg=train(backbone_sgd(), backbone_epochs),
+                      augment=train_augment, eval_batch_size=eval_batch_size, **cls),
+      # ψ is trained at old time on the old training images, without their labels.
+      "simclr": dict(method="simclr", model=side_model, train_cfg=train(simclr_lars(), backbone_epochs),
+                     temperature=0.1, views=views, projection_hidden_dim=16 if a.runlocal else 2048,
+                     projection_dim=8 if a.runlocal else 128, eval_batch_size=eval_batch_size)}
+  ablation = ()
   if a.get("ablation", False):
     # Table 6: the other side-information models, each with its own h (rows new/h[<kind>]). The paper's
     # autoencoder and alternate old models are trained on the old training set like SimCLR; the autoencoder's
@@ -136,25 +113,22 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
     if a.runlocal:
       ae_model.settings = ((1, 8, 1, 2),)
     # The alternate old models (with and without mixup) use the old model's loss; the autoencoder has none.
-    softmax = dict(cls, loss_kind="softmax")
-    for method, short, m, opt, aug, loss_kw in (
-        ("autoencoder", "ae", ae_model, transformation_adam, train_augment, softmax),
-        ("alt_old", "alt", old_model, backbone_sgd, train_augment, cls),
-        ("alt_old_mixup", "altmix", old_model, backbone_sgd, train_augment, cls)):
-      stages.append(common.side_info_stage(f"side_{short}", method=method, data=data, split="old_train", model=m,
-                                           train_cfg=train(opt(), backbone_epochs), seed=5, augment=aug,
-                                           eval_batch_size=eval_batch_size, **loss_kw))
-      stages.append(common.transformation_stage(f"transformation_{short}",
-                                                train_cfg=train(transformation_adam(), h_epochs), seed=3,
-                                                side_info_kind=method, side_info_dim=int(side_model.embedding_dim),
-                                                side_info_stage=f"side_{short}", **h_common))
-      compared.append(f"transformation_{short}")
-  stages.append(common.evaluation_stage("eval", data=data, split="eval", eval_batch_size=eval_batch_size,
-                                        compare_transformations=compared, bct="bct_new",
-                                        paper_table=("table6" if a.get("ablation", False) and experiment == "imagenet"
-                                                     else paper_table)))
-  for s in stages:
-    s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)
+    softmax = dict(loss=dict(loss or {}, kind="softmax"))
+    ablation = [(method, short, dict(model=m, train_cfg=train(opt(), backbone_epochs), augment=train_augment,
+                                     eval_batch_size=eval_batch_size, **loss_kw))
+                for method, short, m, opt, loss_kw in (
+                    ("autoencoder", "ae", ae_model, transformation_adam, softmax),
+                    ("alt_old", "alt", old_model, backbone_sgd, cls),
+                    ("alt_old_mixup", "altmix", old_model, backbone_sgd, cls))]
+  stages = common.fct_plan(
+      data=data, old_model=old_model, new_model=new_model,
+      backbone=dict(train_cfg=train(backbone_sgd(), backbone_epochs), augment=train_augment,
+                    eval_batch_size=eval_batch_size, **cls),
+      side_info=sides[side_info_method],
+      transformation=dict(model=h_model, train_cfg=train(transformation_adam(), h_epochs), augment=train_augment),
+      ablation=ablation, every=dict(eval_augment=eval_augment),  # how every stage embeds evaluation images
+      evaluation=dict(eval_batch_size=eval_batch_size,
+                      paper_table="table6" if a.get("ablation", False) and experiment == "imagenet" else paper_table))
   return common.experiment(experiment + ("_ablation" if a.get("ablation", False) else ""), stages, a.stage)
 
 
@@ -183,9 +157,8 @@ def paper_sequence(experiment: str, a, *, splits, data, runlocal_data, train_aug
       backbone_train=lambda i: train(backbone_sgd(), 100), side_train=lambda i: train(simclr_lars(), 100),
       h_train=lambda name: train(transformation_adam(), 80),
       backbone_kwargs=dict(augment=train_augment), side_kwargs=dict(temperature=0.1, **side_kw),
-      h_kwargs=dict(augment=train_augment, feature_mode="online"), eval_batch_size=eval_bs)
-  for s in stages:
-    s.eval_augment = eval_augment  # how every stage embeds evaluation images (common.eval_transform)
+      h_kwargs=dict(augment=train_augment, feature_mode="online"), eval_batch_size=eval_bs,
+      eval_augment=eval_augment)  # how every stage embeds evaluation images (common.eval_transform)
   return common.experiment(experiment, stages, a.stage)
 
 

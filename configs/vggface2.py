@@ -61,4 +61,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       runlocal_data=recipes.tfds_data("vggface2", a, mock_num_examples=64, image_size=32, old_classes=4600,
                                       eval_per_class=50, eval_subsample_seed=0),
       runlocal_train_augment="face_crop_flip_32", runlocal_eval_augment="face_crop_32", paper_table="table3",
-      loss_kind="arcface", arcface_scale=64.0, arcface_margin=0.5, label_smoothing=0.0, side_info_method="alt_old")
+      loss={"kind": "arcface", "label_smoothing": 0.0},  # ArcFace s, m: the schema's (64, 0.5)
+      side_info_method="alt_old")

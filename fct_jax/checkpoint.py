@@ -4,7 +4,8 @@ A stage's workdir holds:
   ``config.json``   the stage config that built it (the next stage rebuilds models from it);
   ``checkpoints/``  orbax ``CheckpointManager`` steps of the full train state, for resuming;
   ``model/``        the final model variables only ({params, batch_stats}), read by later stages;
-  ``DONE``          written last: a stage without it is unfinished and is resumed, never read downstream.
+  ``DONE``          written last: a stage without it is unfinished and is resumed, never read downstream;
+  ``imported.json`` only in a stage filled from PyTorch weights instead of trained: the file and its hash.
 Orbax writes each step to a temporary directory and renames it when complete, so a half-written checkpoint is
 never picked up.
 
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from fct_jax.errors import FCTError
 
 DONE = "DONE"
+IMPORTED = "imported.json"  # in a stage directory filled from PyTorch weights (torch_stages): where they came from
 
 
 def abspath(path: str) -> str:

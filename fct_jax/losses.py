@@ -1,8 +1,12 @@
 """Losses as pure jnp functions with keyword-only arguments."""
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from fct_jax.config_schema import LOSS_KINDS
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
@@ -65,7 +69,7 @@ def mse_loss(*, pred, target):
   return jnp.mean(diff * diff)
 
 
-def arcface_logits(*, cosine, labels, scale: float = 64.0, margin: float = 0.5):
+def arcface_logits(*, cosine, labels, scale: float, margin: float):
   """ArcFace logits: s·cos(θ_y + m) for the true class, s·cos θ_j for the others (Deng et al. 2019, Eq. 3).
 
   Where θ_y + m would pass π, cos(θ+m) stops being monotonic in θ; like the reference insightface
@@ -90,7 +94,7 @@ def arcface_logits(*, cosine, labels, scale: float = 64.0, margin: float = 0.5):
   return scale * jnp.where(onehot, target_logit, cos)
 
 
-def arcface_loss(*, cosine, labels, scale: float = 64.0, margin: float = 0.5, label_smoothing: float = 0.0):
+def arcface_loss(*, cosine, labels, scale: float, margin: float, label_smoothing: float = 0.0):
   """ArcFace additive angular margin loss: softmax cross-entropy on ``arcface_logits``.
 
   With margin 0 and scale 1 it is plain softmax cross-entropy on the cosines.
@@ -172,22 +176,24 @@ def bct_extend_classifier(*, old_classifier, feature_sums, counts):
   return jnp.concatenate([old_classifier.astype(jnp.float32), means[c_old:].T.astype(jnp.float32)], axis=1)
 
 
-LOSS_KINDS = ("softmax", "arcface")
 
 
-def classification_loss(*, logits, labels, kind: str = "softmax", label_smoothing: float = 0.0, scale: float = 64.0,
-                        margin: float = 0.5):
+def classification_loss(*, logits, labels, kind: str = "softmax", label_smoothing: float = 0.0,
+                        scale: Optional[float] = None, margin: Optional[float] = None):
   """The classifier loss of a stage: ``kind="softmax"``, cross-entropy of ``logits``; ``kind="arcface"``, the
-  ArcFace loss of ``logits`` read as cosines (an ArcFace head) with ``scale`` s and ``margin`` m."""
+  ArcFace loss of ``logits`` read as cosines (an ArcFace head) with ``scale`` s and ``margin`` m (required then:
+  their defaults are the stage config's, ``fct_jax.config_schema``)."""
   if kind not in LOSS_KINDS:
     raise ValueError(f"unknown classification loss kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
   if kind == "arcface":
+    if scale is None or margin is None:
+      raise ValueError("the arcface loss needs its scale and margin")
     return arcface_loss(cosine=logits, labels=labels, scale=scale, margin=margin, label_smoothing=label_smoothing)
   return softmax_cross_entropy(logits=logits, labels=labels, label_smoothing=label_smoothing)
 
 
 def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing: float = 0.0,
-                       kind: str = "softmax", scale: float = 64.0, margin: float = 0.5):
+                       kind: str = "softmax", scale: Optional[float] = None, margin: Optional[float] = None):
   """BCT's influence loss: the old model's own classification loss of the new embedding through its frozen classifier.
 
   The old classifier receives no gradient (``stop_gradient``): only φ_new learns to live in the old space.

@@ -1,7 +1,8 @@
 r"""Command-line entry point.
 
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
-  python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo --config.train.epochs=3
+  python -m fct_jax.main --config=configs/demo.py:stage=old --workdir=/tmp/fct_demo \
+      --config.stages.old.train.epochs=3         # one stage, with an override
   python -m fct_jax.main --config=configs/imagenet.py --workdir=/tmp/fct_imagenet --dry_run   # the plan only
   python -m fct_jax.main --config=configs/imagenet.py:stage=side_info --workdir=/tmp/fct_imagenet \
       --import_torch=imagenet_500_simclr.pt      # a stage from PyTorch weights (ml-fct's) instead of training
@@ -9,9 +10,10 @@ r"""Command-line entry point.
       --export_torch=h.npz                       # a finished stage as a PyTorch state dict (ml-fct's names)
 
 ``--config`` takes a Python config file and an optional argument after ``:`` (``stage=NAME``, ``runlocal``;
-comma-separated). Any config field can be overridden with ``--config.FIELD=VALUE``. Errors in the user's input
-are printed as one line and exit with status 2. On SIGTERM (preemption) the running stage checkpoints at the next
-step boundary and the process exits with status 143; rerunning the same command resumes.
+comma-separated; ``stage=NAME`` only selects the stage to run). Any field of a stage is overridden with
+``--config.stages.NAME.FIELD=VALUE`` (``--dry_run`` lists every field of every stage, resolved). Errors in the
+user's input are printed as one line and exit with status 2. On SIGTERM (preemption) the running stage checkpoints
+at the next step boundary and the process exits with status 143; rerunning the same command resumes.
 """
 
 import re
@@ -19,6 +21,9 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from fct_jax import experiment, sharding, torch_stages
+from fct_jax.errors import FCTError, Preempted
 
 # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM: schedulers requeue on it.
 PREEMPTED_EXIT_CODE = 143
@@ -28,7 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Experiment directory (created i
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
                                  "Call jax.distributed.initialize(): auto = when a multi-host job is detected.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan (stages, their state in --workdir, split sizes, "
-                              "steps) without training, writing or reading data.")
+                              "steps, every stage's resolved config) without training, writing or reading data.")
 _IMPORT_TORCH = flags.DEFINE_string("import_torch", None, "Fill the selected stage (--config=FILE:stage=NAME) from "
                                     "this PyTorch checkpoint (ml-fct's TorchScript .pt, a torch.save state dict, or "
                                     ".npz) instead of training it; the next runs skip it.")
@@ -87,9 +92,6 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  # Imported here so that flag parsing errors come before the (slow) JAX import.
-  from fct_jax import experiment, sharding  # pylint: disable=g-import-not-at-top
-  from fct_jax.errors import FCTError, Preempted  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value
     config.to_dict()  # config_flags defers load failures to first use
@@ -103,7 +105,7 @@ def main(argv):
       experiment.dry_run(config, _WORKDIR.value)
       return
     if _IMPORT_TORCH.value:
-      record = experiment.import_stage(config, _WORKDIR.value, _IMPORT_TORCH.value, prefix=_IMPORT_PREFIX.value,
+      record = torch_stages.import_stage(config, _WORKDIR.value, _IMPORT_TORCH.value, prefix=_IMPORT_PREFIX.value,
                                        allow_unused=_IMPORT_ALLOW_UNUSED.value)
       unused = f"; left out: {', '.join(record['unused'])}" if record["unused"] else ""
       note = f"; {record['note']}" if record["note"] else ""
@@ -111,7 +113,7 @@ def main(argv):
             f"{_WORKDIR.value}{unused}{note}", flush=True)
       return
     if _EXPORT_TORCH.value:
-      n = experiment.export_stage(config, _WORKDIR.value, _EXPORT_TORCH.value,
+      n = torch_stages.export_stage(config, _WORKDIR.value, _EXPORT_TORCH.value,
                                   linear_as_conv=not _EXPORT_TORCH_LINEAR.value)
       print(f"wrote {n} tensors to {_EXPORT_TORCH.value}", flush=True)
       return

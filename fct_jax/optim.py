@@ -23,9 +23,9 @@ def make_schedule(cfg, total_steps: int, steps_per_epoch: int) -> optax.Schedule
 
   ml-fct: its ``cosine_lr`` changes the rate once per epoch; ours changes it every step (smoother, same shape).
   """
-  warmup = int(cfg.get("warmup_steps", 0)) or int(round(cfg.get("warmup_epochs", 0.0) * steps_per_epoch))
+  warmup = int(cfg.warmup_steps) or int(round(cfg.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
-  name = cfg.get("schedule", "cosine")
+  name = cfg.schedule
   if name not in SCHEDULES:
     raise FCTError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
   lr = float(cfg.lr)
@@ -44,7 +44,8 @@ def _decay_mask(params):
 
 
 def make_optimizer(cfg, total_steps: int, steps_per_epoch: int):
-  """Returns ``(optax.GradientTransformation, schedule)``.
+  """Returns ``(optax.GradientTransformation, schedule)`` of a resolved ``train.optimizer`` block (every field
+  present: ``fct_jax.config_schema.OPTIMIZER`` holds the defaults).
 
   Weight decay for sgd/momentum/nesterov/adam is added to the gradient (PyTorch's coupled ``weight_decay``, as
   ml-fct uses); adamw and lars decouple it.
@@ -53,23 +54,22 @@ def make_optimizer(cfg, total_steps: int, steps_per_epoch: int):
   if name not in OPTIMIZERS:
     raise FCTError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
   sched = make_schedule(cfg, total_steps, steps_per_epoch)
-  wd = float(cfg.get("weight_decay", 0.0))
+  wd = float(cfg.weight_decay)
   parts = []
-  if cfg.get("grad_clip_norm", 0.0):
+  if cfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
   if name in ("sgd", "momentum", "nesterov", "adam") and wd:
     parts.append(optax.add_decayed_weights(wd))
   if name == "sgd":
     parts.append(optax.sgd(sched))
   elif name in ("momentum", "nesterov"):
-    parts.append(optax.sgd(sched, momentum=float(cfg.get("momentum", 0.9)), nesterov=name == "nesterov"))
+    parts.append(optax.sgd(sched, momentum=float(cfg.momentum), nesterov=name == "nesterov"))
   elif name == "adam":
-    parts.append(optax.adam(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8)))
+    parts.append(optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
   elif name == "adamw":
-    parts.append(optax.adamw(sched, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
-                             weight_decay=wd))
+    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd))
   else:  # lars
     parts.append(optax.lars(sched, weight_decay=wd, weight_decay_mask=_decay_mask,
-                            trust_coefficient=float(cfg.get("trust_coefficient", 0.001)),
-                            momentum=float(cfg.get("momentum", 0.9)), trust_ratio_mask=_decay_mask))
+                            trust_coefficient=float(cfg.trust_coefficient), momentum=float(cfg.momentum),
+                            trust_ratio_mask=_decay_mask))
   return optax.chain(*parts), sched

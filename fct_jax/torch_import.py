@@ -1,11 +1,9 @@
-"""PyTorch weights into fct_jax stages and back, without PyTorch: ml-fct's saved models, torchvision-style ResNets.
+"""PyTorch checkpoints read without PyTorch, and mapped to and from Flax variables by name.
 
-FCT's premise is that the old model already exists. This module lets it (and the rest of an ml-fct run) come
-from PyTorch: ``python -m fct_jax.main --config=CFG:stage=NAME --workdir=DIR --import_torch=FILE`` fills stage
-``NAME`` of the experiment in ``DIR`` with the checkpoint's weights instead of training it (see
-``experiment.import_stage``); the other stages then run, or read it, as if it had been trained here.
-``--export_torch=OUT.npz`` does the reverse for a finished stage (:func:`from_flax`, ``experiment.export_stage``):
-a state dict that ml-fct's modules load strictly.
+FCT's premise is that the old model already exists. This module reads it (and the rest of an ml-fct run) from
+PyTorch files and maps tensors to Flax variables; :mod:`fct_jax.torch_stages` uses it to fill a stage
+(``--import_torch``) or export one (``--export_torch``, :func:`from_flax`: a state dict that ml-fct's modules load
+strictly).
 
 What it reads (:func:`read_state_dict`), with NumPy only — PyTorch need not be installed:
 
@@ -38,19 +36,14 @@ import collections
 import pickle
 import re
 import zipfile
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from etils import epath
 
-from fct_jax import models
-from fct_jax.data import sources
 from fct_jax.errors import FCTError
-from fct_jax.models.resnet import ResNet
-from fct_jax.stages import common, side_info, transformation
 
 # torch storage class → numpy dtype of its bytes.
 _STORAGE_DTYPES = {
@@ -299,112 +292,6 @@ def to_flax(state: Dict[str, np.ndarray], template: Any, family: str, *, prefix:
   return variables, unused
 
 
-# ------------------------------------------------------------------------------------------------ stages
-
-def _template(module, *inputs):
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, train=False))
-
-
-def _image_input(data_cfg, split: str):
-  _, info = sources.get_source(data_cfg, split)
-  return info, jnp.zeros((1, info.image_size, info.image_size, 3), jnp.float32)
-
-
-def stage_model(name: str, cfg) -> Tuple[str, Tuple[str, ...]]:
-  """``(family, path)`` of the PyTorch-shaped model in a stage: the ResNet (or FCT MLP) sits at variable path
-  ``path`` of the stage's saved model (SimCLR's ``encoder``, input standardisation's ``encoder``).
-
-  Raises:
-    FCTError: the stage has no PyTorch counterpart (its kind, side-information method, model or head); checked
-      from the config alone, before any file is read or model loaded.
-  """
-  kind = cfg.get("kind")
-  if kind in ("backbone", "side_info"):
-    if kind == "side_info" and cfg.get("method") not in ("simclr",) + side_info.CLASSIFIER_METHODS:
-      raise FCTError(f"stage {name!r}: side-information method {cfg.get('method')!r} has no PyTorch counterpart "
-                     f"(methods with a ResNet: simclr, {', '.join(side_info.CLASSIFIER_METHODS)})")
-    try:  # the module alone (no variables, no data): is it a ResNet with a linear head?
-      net = models.get_model(cfg.model.name, num_classes=0, **common.model_kwargs(cfg.model))
-    except (ValueError, TypeError) as e:
-      raise FCTError(f"stage {name!r}: cannot build model {cfg.model.get('name')!r}: {e}") from e
-    if not isinstance(net, ResNet):
-      raise FCTError(f"stage {name!r}: only ResNets have a PyTorch counterpart here, and its model is "
-                     f"{type(net).__name__}")
-    if net.head != "linear":
-      raise FCTError(f"stage {name!r}: its {net.head!r} head has no PyTorch counterpart here (linear heads only)")
-    if kind == "backbone":
-      return "resnet", ()
-    path = (("encoder",) if cfg.method == "simclr" else ())
-    return "resnet", path + (("encoder",) if (cfg.get("input_norm", "none") or "none") == "image" else ())
-  if kind == "transformation":
-    return "fct_mlp", ()
-  raise FCTError(f"stage {name!r} of kind {kind!r} has no weights to import or export (backbone, side_info and "
-                 "transformation stages do)")
-
-
-def _subtree(tree, path):
-  """``{collection: tree[...path]}``: the variables of the sub-module at ``path``."""
-  for attr in path:
-    tree = {col: t[attr] for col, t in tree.items() if attr in t}
-  return tree
-
-
-def _nest(tree, path):
-  """The inverse of :func:`_subtree`: ``{collection: {path[0]: {...: tree}}}``."""
-  for attr in reversed(path):
-    tree = {col: {attr: t} for col, t in tree.items()}
-  return tree
-
-
-def stage_variables(name: str, cfg, ctx, checkpoint_path: str, *, prefix: Optional[str] = None,
-                    allow_unused: bool = False) -> Tuple[Any, dict]:
-  """The variables to save as stage ``name``'s model, built from a PyTorch checkpoint.
-
-  The model is the one the stage config describes (rebuilt as the stage's own code builds it, so the saved tree
-  loads wherever the stage is read); only the ResNet (backbone stages; side-information stages of the methods
-  that use one) or the FCT MLP (transformation stages, whose widths come from the finished upstream stages in
-  ``ctx.workdir``) is filled from the checkpoint (:func:`read_state_dict`, read once the stage is known to have a
-  PyTorch counterpart). A SimCLR stage keeps no projection head (ψ is the encoder's embedding), and a PyTorch
-  classifier (``fc``) beside a model without one is left out. A classifier wider than the stage's classes
-  (ml-fct's old models have one logit per *new* class) gives its first rows.
-
-  Returns:
-    ``(variables, info)``: ``info`` has ``prefix``, ``tensors_used``, ``unused`` (names) and ``note`` (what was
-    adapted, or ``""``).
-  """
-  family, path = stage_model(name, cfg)
-  state = read_state_dict(checkpoint_path)
-  if cfg.kind == "transformation":
-    dims = {k: transformation.upstream_width(ctx, cfg[k], name) for k in ("old", "new")}
-    module = transformation.build_h(cfg, dims["old"], dims["new"])
-    template = _template(module, jnp.zeros((1, dims["old"])), jnp.zeros((1, int(cfg.side_info.dim))))
-  else:
-    info, x = _image_input(cfg.data, cfg.split)
-    module = common.build_backbone(cfg, info.num_classes) if cfg.kind == "backbone" else side_info.build_model(cfg)
-    template = _template(module, x)
-    if cfg.kind == "side_info" and cfg.method == "simclr":  # the encoder alone
-      template = _nest(_subtree(template, ("encoder",)), ("encoder",))
-  sub = _subtree(template, path)
-  prefix = find_prefix(state, family, prefix)
-  dropped, note = [], ""
-  if family == "resnet":
-    classifier = sub["params"].get("classifier")
-    num_classes = np.shape(classifier["kernel"])[-1] if classifier else 0
-    fc = {k: v for k, v in state.items() if k.startswith(prefix + "fc.")}
-    if not num_classes:  # e.g. SimCLR's encoder: a classifier beside it is not used
-      dropped = sorted(fc)
-      state = {k: v for k, v in state.items() if k not in fc}
-    elif fc and min(np.shape(v)[0] for v in fc.values()) > num_classes:
-      # ml-fct: its old models' classifiers are as wide as the new class count (1000 for ImageNet-500); the old
-      # split's classes are the first ones of the same label order, so their rows are the first ones.
-      wide = np.shape(state[prefix + "fc.weight"])[0] if prefix + "fc.weight" in fc else None
-      state = {**state, **{k: v[:num_classes] for k, v in fc.items()}}
-      note = f"classifier: the first {num_classes} of the checkpoint's {wide} classes"
-  filled, unused = to_flax(state, sub, family, prefix=prefix, allow_unused=allow_unused)
-  used = sum(1 for _ in jax.tree_util.tree_leaves(filled))
-  return _nest(filled, path), {"prefix": prefix, "tensors_used": used, "unused": dropped + unused, "note": note}
-
-
 def from_flax(variables: Any, family: str, *, linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
   """A PyTorch state dict of Flax variables (the inverse of :func:`to_flax`).
 
@@ -433,14 +320,3 @@ def from_flax(variables: Any, family: str, *, linear_as_conv: bool = True) -> Di
     if name.endswith(".running_mean"):
       out[name[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
-
-
-def stage_state_dict(name: str, cfg, load_variables: Callable[[], Any], *,
-                     linear_as_conv: bool = True) -> Dict[str, np.ndarray]:
-  """The PyTorch state dict of a finished stage's network (the ResNet or FCT MLP in its saved variables).
-
-  ``load_variables()`` reads the stage's saved variables; it is called once the stage is known to have a PyTorch
-  counterpart (:func:`stage_model`).
-  """
-  family, path = stage_model(name, cfg)
-  return from_flax(_subtree(load_variables(), path), family, linear_as_conv=linear_as_conv)

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -125,3 +125,9 @@ class Progress:
   def update(self, done: int, extra: str = ""):
     if jax.process_index() == 0:
       print(self.line(done) + (f" | {extra}" if extra else ""), file=self._file, flush=True)
+
+
+def progress_factory(unit: str, prefix: str) -> Callable[[int], Callable[[int], None]]:
+  """``factory(total) -> update(done)``: a console :class:`Progress` made when a long job knows its size. Low layers
+  (the retrieval kernel) take such a factory instead of importing this module."""
+  return lambda total: Progress(total, unit=unit, prefix=prefix).update

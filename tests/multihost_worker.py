@@ -25,12 +25,13 @@ def stage_config():
   """The stage both sides run: cifar100 ``stage=old,runlocal`` (mock TFDS data, 32×32, batch 16), 4 steps, and the
   retrieval evaluation (top-1, mAP) on the mock ``eval`` split every 2 steps and at the end."""
   from configs import cifar100  # pylint: disable=g-import-not-at-top
-  cfg = cifar100.get_config("stage=old,runlocal")
+  plan = cifar100.get_config("stage=old,runlocal")
+  cfg = plan.stages.old
   cfg.train.steps = STEPS
   cfg.train.eval_every_steps = EVAL_EVERY
   cfg.train.checkpoint_every_steps = EVAL_EVERY
   cfg.eval_split = "eval"
-  return cfg
+  return plan
 
 
 def upstream_config():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import demo, vggface2
-from fct_jax import checkpoint, experiment, losses
+from fct_jax import artifacts, checkpoint, experiment, losses
 from fct_jax.data import sources
 from fct_jax.errors import FCTError
-from fct_jax.stages import backbone, common, side_info
+from fct_jax.stages import backbone, side_info
 import stage_logs  # tests/stage_logs.py  pylint: disable=g-bad-import-order
 
 
@@ -28,9 +28,10 @@ def _arcface(cfg, steps=None):
 def arc_old(tmp_path_factory):
   """The runlocal demo's old stage with an ArcFace head and loss, 12 steps, periodic retrieval eval."""
   wd = str(tmp_path_factory.mktemp("arc"))
-  cfg = _arcface(demo.get_config("stage=old,runlocal"), steps=12)
+  plan = demo.get_config("stage=old,runlocal")
+  cfg = _arcface(plan.stages.old, steps=12)
   cfg.eval_split, cfg.train.eval_every_steps = "eval", 6
-  assert experiment.run(cfg, wd) == ["old"]
+  assert experiment.run(plan, wd) == ["old"]
   return wd, cfg
 
 
@@ -52,13 +53,13 @@ def test_arcface_backbone_trains(arc_old):
 
 def test_arcface_loss_is_the_step_loss():
   """The task's loss is losses.arcface_loss on the model's cosines, with the configured s, m and smoothing."""
-  cfg = _arcface(demo.get_config("stage=old,runlocal"))
+  cfg = _arcface(demo.get_config("runlocal").stages.old)
   cfg.loss.arcface_scale, cfg.loss.arcface_margin, cfg.loss.label_smoothing = 30.0, 0.3, 0.1
   source, info = sources.get_source(cfg.data, cfg.split)
-  model = common.build_backbone(cfg, info.num_classes)
+  model = artifacts.build_backbone(cfg, info.num_classes)
   task = backbone.make_task(cfg, model, info.num_classes)
   batch = {"image": jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32) / 255.0,
-           "label": jnp.asarray(common.source_labels(source)[:8])}
+           "label": jnp.asarray(artifacts.source_labels(source)[:8])}
   variables = dict(task.init(jax.random.key(0, impl="rbg"), batch))
   params = variables.pop("params")
   l, (metrics, _) = task.loss(params, variables, None, batch, None, 0)
@@ -73,16 +74,17 @@ def test_arcface_loss_is_the_step_loss():
 @pytest.mark.parametrize("head,kind,fix", [("linear", "arcface", "set model.head='arcface'"),
                                            ("arcface", "softmax", "set loss.kind='arcface'")])
 def test_head_loss_mismatch_is_one_line(head, kind, fix, tmp_path):
-  cfg = demo.get_config("stage=old,runlocal")
+  plan = demo.get_config("stage=old,runlocal")
+  cfg = plan.stages.old
   cfg.model.head, cfg.loss.kind = head, kind
   with pytest.raises(FCTError, match=fix) as e:
-    backbone.make_task(cfg, common.build_backbone(cfg, 5), 5)
+    backbone.make_task(cfg, artifacts.build_backbone(cfg, 5), 5)
   assert "\n" not in str(e.value) and "'old'" in str(e.value)
   with pytest.raises(FCTError, match=fix):  # the stage refuses before training
-    experiment.run(cfg, str(tmp_path / "wd"))
-  cfg.loss.kind = "cosface"
+    experiment.run(plan, str(tmp_path / "wd"))
+  cfg.loss.kind = "cosface"  # refused when the plan's configs are resolved, before any stage code runs
   with pytest.raises(FCTError, match="unknown loss.kind 'cosface'; valid: softmax, arcface"):
-    backbone.make_task(cfg, common.build_backbone(cfg, 5), 5)
+    experiment.run(plan, str(tmp_path / "wd"))
 
 
 def test_whole_plan_refuses_a_mismatch_before_any_stage(tmp_path):
@@ -100,20 +102,20 @@ def test_whole_plan_refuses_a_mismatch_before_any_stage(tmp_path):
 
 def test_stage_saved_before_the_loss_fields_still_matches(tmp_path):
   """A workdir stage whose config.json predates loss.kind / model.head (softmax, linear) is not refused."""
-  cfg = demo.get_config("stage=old,runlocal")
+  plan = demo.get_config("stage=old,runlocal")
+  cfg = plan.stages.old
   saved = cfg.to_dict()
-  saved.pop("experiment"), saved.pop("stage")
   saved["loss"] = {"label_smoothing": saved["loss"]["label_smoothing"]}
   del saved["model"]["head"]
   d = tmp_path / "old"
   d.mkdir()
-  checkpoint.write_json(str(tmp_path / "experiment.json"), {"experiment": cfg.experiment})
+  checkpoint.write_json(str(tmp_path / "experiment.json"), {"experiment": plan.experiment})
   checkpoint.write_json(str(d / "config.json"), saved)
   checkpoint.mark_done(str(d))
-  assert experiment.run(cfg, str(tmp_path)) == []  # finished: skipped, not refused
+  assert experiment.run(plan, str(tmp_path)) == []  # finished: skipped, not refused
   cfg.loss.kind, cfg.model.head = "arcface", "arcface"
   with pytest.raises(FCTError, match="was run with a different config: loss.kind='softmax' there, 'arcface' now"):
-    experiment.run(cfg, str(tmp_path))
+    experiment.run(plan, str(tmp_path))
 
 
 @pytest.mark.parametrize("method", ["alt_old", "alt_old_mixup"])
@@ -128,23 +130,23 @@ def test_alt_old_side_info_with_arcface(arc_old, method):
   d = os.path.join(wd, c.name)
   os.makedirs(d, exist_ok=True)
   checkpoint.write_json(os.path.join(d, "config.json"), c.to_dict())
-  assert side_info.run(c, d, common.Context(workdir=wd))
+  assert side_info.run(c, d, artifacts.Context(workdir=wd))
   checkpoint.mark_done(d)
   loss = [r["loss"] for r in stage_logs.records(d) if "loss" in r]
   # ArcFace's margin puts the first loss far above softmax cross-entropy's log C ≈ 1.4 (4 classes).
   assert loss and all(np.isfinite(loss)) and loss[0] > 10, loss
-  psi = side_info.load(common.Context(workdir=wd), c.name, "test")
+  psi = artifacts.load_side_info(artifacts.Context(workdir=wd), c.name, "test")
   assert psi.method == method and psi.dim == 8
   c.model.head = "linear"
   with pytest.raises(FCTError, match="set model.head='arcface'"):
-    side_info.make_task(c, side_info.build_model(c))
+    side_info.make_task(c, artifacts.build_side_model(c))
 
 
 def test_bct_through_arcface_old_model(arc_old):
   """BCT with an ArcFace old model: normalised class-mean columns and the old model's ArcFace influence loss."""
   wd, old_cfg = arc_old
-  ctx = common.Context(workdir=wd)
-  cfg = demo.get_config("stage=bct_new,runlocal")  # a softmax new model: the influence loss is still ArcFace's
+  ctx = artifacts.Context(workdir=wd)
+  cfg = demo.get_config("runlocal").stages.bct_new  # a softmax new model: the influence loss is still ArcFace's
   cfg.name = "bct_arc"
   d = os.path.join(wd, "bct_arc")
   os.makedirs(d, exist_ok=True)
@@ -157,15 +159,15 @@ def test_bct_through_arcface_old_model(arc_old):
   assert old_loss == {"kind": "arcface", "scale": 64.0, "margin": 0.5}
   old_kernel = np.asarray(checkpoint.load_model(os.path.join(wd, "old"))["params"]["classifier"]["kernel"])
   np.testing.assert_allclose(w[:, :old_kernel.shape[1]], old_kernel)
-  module, old_vars, _ = common.load_backbone(ctx, "old", "test")
-  emb = common.embed(module, old_vars, source, batch_size=16)
+  module, old_vars, _ = artifacts.load_backbone(ctx, "old", "test")
+  emb = artifacts.embed(module, old_vars, source, batch_size=16, transform=artifacts.eval_transform(cfg))
   emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-  labels = common.source_labels(source)
+  labels = artifacts.source_labels(source)
   c = info.num_classes - 1
   np.testing.assert_allclose(w[:, c], emb[labels == c].mean(0), rtol=1e-4, atol=1e-5)
 
   # The step's influence term is the ArcFace loss on cosines with the normalised frozen classifier.
-  model = common.build_backbone(cfg, info.num_classes)
+  model = artifacts.build_backbone(cfg, info.num_classes)
   task = backbone.make_task(cfg, model, info.num_classes, old_classifier=w, old_loss=old_loss)
   batch = {"image": jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32) / 255.0,
            "label": jnp.asarray(labels[:8])}
@@ -223,9 +225,3 @@ def test_vggface2_runlocal_old_stage_on_mock_data(tmp_path):
   assert experiment.run(cfg, str(tmp_path)) == ["old"]
   hist = [r for r in stage_logs.records(str(tmp_path / "old")) if "loss" in r]
   assert len(hist) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 20 for r in hist)
-
-
-def test_config_loss_kinds_match_the_library():
-  """configs/common.py spells the loss kinds out (configs import no jax): they must stay the library's."""
-  from configs import common as cfg_common  # pylint: disable=g-import-not-at-top
-  assert cfg_common.LOSS_KINDS == losses.LOSS_KINDS

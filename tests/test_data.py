@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from fct_jax.data import augment, pipeline, shapes, sources
+from fct_jax import artifacts
+from fct_jax.data import augment, image_spec, pipeline, shapes, sources
 from fct_jax.errors import FCTError
 
 
@@ -42,6 +43,10 @@ def test_shapes_are_visible_in_pixels():
   assert fg.mean(axis=(1, 2)).min() > 0.02  # every image has a visible shape
 
 
+# The in-memory datasets' convention, as the resolvers bind it for a shapes or digits data config.
+PAD_CROP_FLIP = augment.train_transform("pad_crop_flip", image_spec.SMALL_ARRAYS)
+
+
 def _src(n=100):
   return sources.ArraySource({"image": np.arange(n * 4 * 4 * 3, dtype=np.uint8).reshape(n, 4, 4, 3) % 251,
                               "label": np.arange(n, dtype=np.int32)})
@@ -50,9 +55,9 @@ def _src(n=100):
 def test_train_batches_resume_and_epochs():
   src = _src(40)
   full = [b["label"] for b in pipeline.train_batches(src, global_batch_size=8, seed=0, start_step=0, num_steps=10,
-                                                     transform=augment.pad_crop_flip)]
+                                                     transform=PAD_CROP_FLIP)]
   resumed = [b["label"] for b in pipeline.train_batches(src, global_batch_size=8, seed=0, start_step=6,
-                                                        num_steps=10, transform=augment.pad_crop_flip)]
+                                                        num_steps=10, transform=PAD_CROP_FLIP)]
   for a, b in zip(full[6:], resumed):
     np.testing.assert_array_equal(a, b)
   # Each epoch (5 steps) is a permutation of the data, and epochs are shuffled differently.
@@ -64,9 +69,9 @@ def test_train_batches_resume_and_epochs():
 def test_train_batches_per_process_slices_compose():
   src = _src(64)
   one = list(pipeline.train_batches(src, global_batch_size=16, seed=5, start_step=0, num_steps=3,
-                                    transform=augment.pad_crop_flip))
+                                    transform=PAD_CROP_FLIP))
   two = [list(pipeline.train_batches(src, global_batch_size=16, seed=5, start_step=0, num_steps=3,
-                                     transform=augment.pad_crop_flip, process_index=p, process_count=2))
+                                     transform=PAD_CROP_FLIP, process_index=p, process_count=2))
          for p in range(2)]
   for s in range(3):
     for k in ("image", "label"):
@@ -75,7 +80,8 @@ def test_train_batches_per_process_slices_compose():
 
 def test_eval_batches_pad_and_mask():
   src = _src(21)
-  bs = list(pipeline.eval_batches(src, global_batch_size=8, transform=augment.eval_transform))
+  tf = augment.eval_transform("default", image_spec.SMALL_ARRAYS)
+  bs = list(pipeline.eval_batches(src, global_batch_size=8, transform=tf))
   assert len(bs) == 3
   mask = np.concatenate([b["mask"] for b in bs])
   labels = np.concatenate([b["label"] for b in bs])
@@ -99,17 +105,17 @@ def test_padded_eval_gives_the_same_metrics_as_unpadded():
   import ml_collections  # pylint: disable=g-import-not-at-top
   from fct_jax import retrieval  # pylint: disable=g-import-not-at-top
   from fct_jax.models import small_cnn  # pylint: disable=g-import-not-at-top
-  from fct_jax.stages import common  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict({"name": "shapes", "num_old_train": 8, "num_new_train": 8, "num_eval": 40,
                                    "seed": 0, "image_size": 16, "num_old_shapes": 3})
   src, _ = sources.get_source(cfg, "eval")
   model = small_cnn.SmallCNN(num_classes=0, embedding_dim=8, widths=(4, 8))
   variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), np.zeros((8, 16, 16, 3), np.float32))
-  padded = common.embed(model, variables, src, batch_size=16)
-  exact = common.embed(model, variables, src, batch_size=8)
+  tf = augment.eval_transform("default", cfg)
+  padded = artifacts.embed(model, variables, src, batch_size=16, transform=tf)
+  exact = artifacts.embed(model, variables, src, batch_size=8, transform=tf)
   assert padded.shape == exact.shape == (40, 8)
   np.testing.assert_allclose(padded, exact, rtol=1e-5, atol=1e-6)
-  labels = common.source_labels(src)
+  labels = artifacts.source_labels(src)
   a = retrieval.evaluate(padded, padded, labels, labels, query_is_gallery=True)
   b = retrieval.evaluate(exact, exact, labels, labels, query_is_gallery=True)
   assert a == b

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fct_jax.data import augment, pipeline, sources, tfds_source, vggface2_builder
+from fct_jax.data import augment, image_spec, photos, pipeline, resizing, sources, tfds_source, vggface2_builder
 from fct_jax.errors import FCTError
 
 PAPER_CONFIGS = ("imagenet", "places365", "vggface2", "cifar100")
@@ -99,7 +99,7 @@ def test_real_eval_subsample_fixed_per_subject(tiny_vggface2, tmp_path):
 
 def test_real_data_through_pipeline_and_face_transform(tiny_vggface2, tmp_path):
   src, _ = sources.get_source(_vgg_cfg(tiny_vggface2, tmp_path), "new_train")
-  tf = augment.TRAIN_TRANSFORMS["face_crop_flip_32"]
+  tf = augment.train_transform("face_crop_flip_32", _vgg_cfg(tiny_vggface2, tmp_path))
   bs = list(pipeline.train_batches(src, global_batch_size=4, seed=0, start_step=0, num_steps=3, transform=tf))
   assert bs[0]["image"].shape == (4, 32, 32, 3) and bs[0]["image"].dtype == np.float32
   resumed = next(pipeline.train_batches(src, global_batch_size=4, seed=0, start_step=2, num_steps=3, transform=tf))
@@ -152,7 +152,7 @@ def test_sequence_splits_nest():
 
 def test_mock_eval_batches_cover_source_in_order():
   src, _ = sources.get_source(_data("imagenet", "eval"), "eval")
-  tf = augment.get_eval_transform("resize36_crop32")
+  tf = augment.eval_transform("resize36_crop32", _data("imagenet", "eval"))
   bs = list(pipeline.eval_batches(src, global_batch_size=20, transform=tf))
   mask = np.concatenate([b["mask"] for b in bs])
   labels = np.concatenate([b["label"] for b in bs])
@@ -166,7 +166,7 @@ def test_mock_eval_batches_cover_source_in_order():
 def test_train_transforms_deterministic_given_rng():
   jpg = _jpeg(120, 160, 0)
   for name in ("inception_crop_flip", "face_crop_flip", "resize_flip_224"):
-    tf = augment.TRAIN_TRANSFORMS[name]
+    tf = augment.train_transform(name, image_spec.PHOTOS)
     a = tf({"image": jpg, "label": 3, "bbox": np.asarray([10, 10, 60, 70], np.float32)}, np.random.default_rng(7))
     b = tf({"image": jpg, "label": 3, "bbox": np.asarray([10, 10, 60, 70], np.float32)}, np.random.default_rng(7))
     c = tf({"image": jpg, "label": 3, "bbox": np.asarray([10, 10, 60, 70], np.float32)}, np.random.default_rng(8))
@@ -178,30 +178,30 @@ def test_train_transforms_deterministic_given_rng():
 
 def test_eval_resize_center_crop_matches_resize_then_crop():
   arr = np.asarray(Image.open(io.BytesIO(_jpeg(300, 400, 1))).convert("RGB"))
-  got = augment.resize_center_crop({"image": arr}, resize=256, crop=224)["image"]
+  got = photos.resize_center_crop({"image": arr}, spec=image_spec.PHOTOS, resize=256, crop=224)["image"]
   ref = Image.fromarray(arr).resize((341, 256), Image.BILINEAR)  # torchvision Resize(256): 400·256/300 → 341
   left, top = int(round((341 - 224) / 2)), int(round((256 - 224) / 2))
-  ref = augment._to_normalised(ref.crop((left, top, left + 224, top + 224)))  # pylint: disable=protected-access
+  ref = image_spec.PHOTOS.normalise(resizing.to_unit(ref.crop((left, top, left + 224, top + 224)), "pil"))
   assert np.abs(got - ref).mean() < 0.02 and got.shape == (224, 224, 3)
 
 
 def test_draft_decoding_close_to_full_decoding():
   jpg = _jpeg(600, 800, 2)
-  full = augment.resize_center_crop({"image": jpg}, draft=False)["image"]
-  fast = augment.resize_center_crop({"image": jpg}, draft=True)["image"]
+  full = photos.resize_center_crop({"image": jpg}, spec=image_spec.PHOTOS, draft=False)["image"]
+  fast = photos.resize_center_crop({"image": jpg}, spec=image_spec.PHOTOS, draft=True)["image"]
   assert np.abs(full - fast).mean() < 0.05  # normalised units (≈ 1/4 of a grey level per unit · 0.229·255)
 
 
 def test_face_box_falls_back_to_whole_image():
-  assert augment.face_box([0, 0, 0, 0], 50, 40) == (0, 0, 40, 50)
-  assert augment.face_box([np.nan, 1, 2, 3], 50, 40) == (0, 0, 40, 50)
-  top, left, h, w = augment.face_box([10, 10, 20, 20], 50, 40)
+  assert photos.face_box([0, 0, 0, 0], 50, 40) == (0, 0, 40, 50)
+  assert photos.face_box([np.nan, 1, 2, 3], 50, 40) == (0, 0, 40, 50)
+  top, left, h, w = photos.face_box([10, 10, 20, 20], 50, 40)
   assert (top, left, h, w) == (7.0, 7.0, 26.0, 26.0)
 
 
 def test_unknown_eval_augment():
-  with pytest.raises(FCTError, match="resize256_crop224"):
-    augment.get_eval_transform("nope")
+  with pytest.raises(FCTError, match="unknown augment 'nope'; valid: default, resize256_crop224"):
+    augment.eval_transform("nope", _data("imagenet", "eval"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_config_forms(cfg_name):
       assert s["eval_augment"] in augment.EVAL_TRANSFORMS
       assert s.get("augment", "none") in augment.TRAIN_TRANSFORMS
   one = mod.get_config("stage=transformation,runlocal")
-  assert one.stage == "transformation" and one.kind == "transformation"
+  assert one.stage == "transformation" and one.stages[one.stage].kind == "transformation"
 
 
 @pytest.mark.slow
@@ -269,13 +269,13 @@ def test_runlocal_end_to_end(cfg_name, tmp_path):
 
 def test_simclr_views_from_encoded_jpeg():
   """TFDS sources hand over JPEG bytes: the SimCLR two-view transform decodes them (once) like the arrays."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   img = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format="PNG")  # lossless, so bytes and array must give identical views
-  from_bytes = augment.simclr_two_views({"image": buf.getvalue(), "label": 3}, np.random.default_rng(1), out_size=32)
-  from_array = augment.simclr_two_views({"image": img, "label": 3}, np.random.default_rng(1), out_size=32)
-  assert from_bytes["view1"].shape == (32, 32, 3) and from_bytes["label"] == 3
-  np.testing.assert_array_equal(from_bytes["view1"], from_array["view1"])
-  np.testing.assert_array_equal(from_bytes["view2"], from_array["view2"])
+  for spec in (image_spec.SMALL_ARRAYS, image_spec.PHOTOS):
+    views = augment.two_view_transform("simclr", spec, out_size=32)
+    from_bytes = views({"image": buf.getvalue(), "label": 3}, np.random.default_rng(1))
+    from_array = views({"image": img, "label": 3}, np.random.default_rng(1))
+    assert from_bytes["view1"].shape == (32, 32, 3) and from_bytes["label"] == 3
+    np.testing.assert_array_equal(from_bytes["view1"], from_array["view1"])
+    np.testing.assert_array_equal(from_bytes["view2"], from_array["view2"])

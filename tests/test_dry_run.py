@@ -1,14 +1,16 @@
 """``--dry_run``: every dataset config prints its plan, reads no data and writes nothing."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from fct_jax import checkpoint, experiment
-from fct_jax.data import shapes, sources, tfds_source
+from fct_jax import checkpoint, config_schema, experiment
+from fct_jax.errors import FCTError
+from fct_jax.data import shapes, sizes, sources, tfds_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("demo", "demo_sequence", "cifar100", "cifar100_sequence", "imagenet", "places365", "vggface2", "digits")
@@ -51,15 +53,15 @@ def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
 def test_known_sizes_and_unknown_ones():
   from configs import imagenet, places365  # pylint: disable=g-import-not-at-top
   im = imagenet.get_config().stages
-  assert experiment.split_size(im.old.data, "old_train")[0] == 640_542
-  assert experiment.split_size(im.eval.data, "eval")[0] == 50_000
-  assert experiment.split_size(im.old.data, "train_250") == (None, experiment.UNKNOWN)
-  assert experiment.split_size(places365.get_config().stages.old.data, "old_train") == (None, experiment.UNKNOWN)
+  assert sizes.split_size(im.old.data, "old_train")[0] == 640_542
+  assert sizes.split_size(im.eval.data, "eval")[0] == 50_000
+  assert sizes.split_size(im.old.data, "train_250") == (None, sizes.UNKNOWN)
+  assert sizes.split_size(places365.get_config().stages.old.data, "old_train") == (None, sizes.UNKNOWN)
   # The shapes demo's train_<K> (first K shapes of new_train): counted from the config, as the source counts it.
   from configs import demo_sequence  # pylint: disable=g-import-not-at-top
   data = demo_sequence.get_config("runlocal").stages.v2.data
   for k in (1, 4, 5):
-    n, _ = experiment.split_size(data, f"train_{k}")
+    n, _ = sizes.split_size(data, f"train_{k}")
     assert n == sources.get_source(data, f"train_{k}")[1].num_examples and 0 < n <= data.num_new_train
 
 
@@ -114,3 +116,75 @@ def test_steps_per_call_without_device_arrays_is_refused_up_front(stage, changes
   ok = demo.get_config("runlocal")
   ok.stages.transformation.train.steps_per_call = 4  # the cached transformation on device arrays: accepted
   assert [r["state"] for r in experiment.dry_run(ok, str(wd))] == ["to run"] * len(ok.plan)
+
+
+# ------------------------------------------------------------------------------------ resolved configs
+
+
+def test_imagenet_dry_run_shows_every_resolved_field(tmp_path, capsys, no_data):
+  """The dry run prints each stage's complete config: optimizer, schedule, epochs, batch, augmentation,
+  eval_augment and the dataset's normalisation, besides the sizes and steps."""
+  config = importlib.import_module("configs.imagenet").get_config()
+  experiment.dry_run(config, str(tmp_path / "wd"))
+  out = capsys.readouterr().out
+  for name, scfg in experiment.stage_configs(config):
+    start = out.index(f". {name} [{scfg.kind}]")
+    block = out[start:out.find("\n" + str(list(config.plan).index(name) + 2) + ". ", start)]
+    for key, value in experiment._flatten(scfg.to_dict()).items():  # pylint: disable=protected-access
+      assert f"       {key} = {value!r}" in block, (name, key)
+    assert "data normalisation: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in block
+  old = config.stages.old
+  for line in ("train.optimizer.name = 'momentum'", "train.optimizer.schedule = 'cosine'", "train.epochs = 100.0",
+               "train.batch_size = 1024", "augment = 'inception_crop_flip'", "eval_augment = 'resize256_crop224'"):
+    assert f"       {line}\n" in out, line
+  assert old.train.optimizer.warmup_epochs == 5
+
+
+def test_config_json_is_the_resolved_config(tmp_path):
+  """A stage's config.json holds exactly its resolved config (every field, defaults included)."""
+  plan = importlib.import_module("configs.demo").get_config("stage=old,runlocal")
+  plan.stages.old.train.steps = 1
+  assert experiment.run(plan, str(tmp_path)) == ["old"]
+  saved = checkpoint.read_json(str(tmp_path / "old" / "config.json"))
+  want = config_schema.resolve(plan.stages.old).to_dict()
+  assert saved == json.loads(json.dumps(want))
+  assert saved["eval_augment"] == "default" and saved["loss"]["arcface_scale"] == 64.0
+
+
+def test_saved_config_without_later_fields_still_matches(tmp_path):
+  """An old workdir's config.json, written before a field existed, is resolved before the comparison."""
+  scfg = dict(experiment.stage_configs(importlib.import_module("configs.demo").get_config("runlocal")))["eval"]
+  saved = scfg.to_dict()
+  del saved["eval_augment"], saved["report"]  # as written before these fields existed
+  checkpoint.write_json(str(tmp_path / "config.json"), saved)
+  experiment.check_stage_config("eval", scfg, str(tmp_path))
+  scfg.report.max_k = 5
+  with pytest.raises(FCTError, match="report.max_k=20 there, 5 now"):
+    experiment.check_stage_config("eval", scfg, str(tmp_path))
+
+
+def test_resolve_refuses_unknown_kinds_fields_and_missing_ones():
+  stage = config_schema.resolve(importlib.import_module("configs.digits").get_config().stages.old)
+  assert config_schema.resolve(stage) == stage  # idempotent
+  bad = [({"kind": "nope"}, "unknown kind 'nope'; valid: backbone, side_info"),
+         ({"train": {"optimizer": {"momentun": 0.9}}}, "unknown field 'train.optimizer.momentun'; valid: name, lr"),
+         ({"data": {"name": "mnist"}}, "unknown dataset data.name='mnist'; valid: shapes, digits"),
+         ({"loss": {"kind": "cosface"}}, "unknown loss.kind 'cosface'; valid: softmax, arcface")]
+  for change, msg in bad:
+    cfg = stage.to_dict()
+    for key, value in change.items():
+      cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key != "data" else value
+    with pytest.raises(config_schema.ConfigError, match=msg.replace("(", r"\(")) as e:
+      config_schema.resolve(cfg)
+    assert "\n" not in str(e.value)
+  missing = stage.to_dict()
+  del missing["train"]["batch_size"]
+  with pytest.raises(config_schema.ConfigError, match="stage 'old': train.batch_size is required"):
+    config_schema.resolve(missing)
+
+
+def test_schema_covers_the_library():
+  """Every stage kind the library runs has a schema, and every dataset it reads a data block."""
+  from fct_jax.stages import STAGE_KINDS  # pylint: disable=g-import-not-at-top
+  assert set(config_schema.KINDS) == set(STAGE_KINDS)
+  assert set(config_schema.DATA) == {"shapes", "digits", *sources.TFDS_DATASETS}

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fct_jax import artifacts
 from fct_jax.errors import FCTError
 from fct_jax.gallery import search as search_lib
 from fct_jax.gallery import store as store_lib
@@ -228,7 +229,6 @@ def _cli(argv, capsys):
 
 
 def test_cli_build_upgrade_search(demo_dir, tmp_path, capsys):
-  from fct_jax.stages import common, transformation  # pylint: disable=g-import-not-at-top
   store = str(tmp_path / "gallery")
   code, out, err = _cli(["build", "--experiment", demo_dir, "--old", "old", "--side-info", "side_info",
                          "--split", "eval", "--to", store, "--chunk-size", "16"], capsys)
@@ -250,7 +250,7 @@ def test_cli_build_upgrade_search(demo_dir, tmp_path, capsys):
   new = store_lib.Store(store).open()
   assert new.name != built.name and new.model["embedding"]["stage"] == "new"
   # Equals the transformation stage's own in-memory h on the stored arrays.
-  h, _, _ = transformation.load_h(common.Context(workdir=demo_dir), "transformation", "test")
+  h, _, _ = artifacts.load_h(artifacts.Context(workdir=demo_dir), "transformation", "test")
   src = built.read_all()
   np.testing.assert_allclose(new.read_all()["embeddings"], h(src["embeddings"], src["side_info"]),
                              rtol=1e-5, atol=1e-5)

@@ -19,15 +19,17 @@ STEPS = 30
 
 
 def _overrides(stage, ckpt_every):
-  prefix = "--config." if stage else "--config.stages.old."
+  del stage  # the same spelling whether one stage is selected or the whole plan runs
+  prefix = "--config.stages.old."
   return [f"{prefix}train.steps={STEPS}", f"{prefix}train.log_every_steps=1",
           f"{prefix}train.checkpoint_every_steps={ckpt_every}"]
 
 
 def _cfg(ckpt_every):
-  cfg = demo.get_config("stage=old,runlocal")
+  plan = demo.get_config("stage=old,runlocal")
+  cfg = plan.stages.old
   cfg.train.steps, cfg.train.log_every_steps, cfg.train.checkpoint_every_steps = STEPS, 1, ckpt_every
-  return cfg
+  return plan
 
 
 def _start(workdir, ckpt_every):
@@ -139,9 +141,10 @@ def finished_plan(tmp_path_factory):
 
 
 def _stage_cfg(stage, steps=12):
-  cfg = demo.get_config(f"stage={stage},runlocal")
+  plan = demo.get_config(f"stage={stage},runlocal")
+  cfg = plan.stages[stage]
   cfg.train.steps, cfg.train.log_every_steps, cfg.train.checkpoint_every_steps = steps, 1, 1
-  return cfg
+  return plan
 
 
 def _copy_without(src, dst, stage):
@@ -159,8 +162,8 @@ def test_sigkill_and_resume_every_stage(stage, finished_plan, tmp_path):
   experiment.run(_stage_cfg(stage), ref)
   wd = _copy_without(finished_plan, str(tmp_path / "killed"), stage)
   args = [sys.executable, "-u", "-m", "fct_jax.main", f"--config=configs/demo.py:stage={stage},runlocal",
-          f"--workdir={wd}", "--config.train.steps=12", "--config.train.log_every_steps=1",
-          "--config.train.checkpoint_every_steps=1"]
+          f"--workdir={wd}", f"--config.stages.{stage}.train.steps=12",
+          f"--config.stages.{stage}.train.log_every_steps=1", f"--config.stages.{stage}.train.checkpoint_every_steps=1"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   kill_at = random.Random(hash(stage) % 1000 + os.getpid()).randint(2, 9)
   proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

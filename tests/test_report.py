@@ -12,7 +12,8 @@ import pytest
 
 from fct_jax import report
 from fct_jax.errors import FCTError
-from fct_jax.retrieval import metrics
+from fct_jax.report import render
+from fct_jax.retrieval import metrics, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +45,15 @@ def _md_cases(md: str):
   return rows
 
 
+# results.json's top-level keys after the evaluation payload's, in order (the file's format).
+REPORT_KEYS = ["experiment", "cmc_curves", "cka", "paper", "backfill", "compatibility", "cost"]
+
+
 def test_demo_plan_writes_consistent_report(demo_workdir):
   wd = demo_workdir
   res = json.load(open(os.path.join(wd, "results.json")))
+  payload = json.load(open(os.path.join(wd, "eval", "results.json")))  # the stage's own results (keys sorted)
+  assert list(res)[len(payload):] == REPORT_KEYS and set(list(res)[:len(payload)]) == set(payload)
   md = open(os.path.join(wd, "results.md")).read()
   for png in ("cmc.png", "cases.png", "backfill.png", "cost.png"):
     path = os.path.join(wd, png)
@@ -57,7 +64,7 @@ def test_demo_plan_writes_consistent_report(demo_workdir):
   rows = _md_cases(md)
   assert list(rows) == list(res["cases"]) and "new/h[simclr]" in rows
   for case, r in res["cases"].items():
-    assert rows[case] == [report._f(r["cmc_top1"]), report._f(r["cmc_top5"]), report._f(r["mAP"])], case
+    assert rows[case] == [render.fmt(r["cmc_top1"]), render.fmt(r["cmc_top5"]), render.fmt(r["mAP"])], case
   # The CMC curve starts at the table's top-1 and passes its top-5; it never decreases.
   for case, ys in res["cmc_curves"]["cases"].items():
     assert ys[0] == pytest.approx(res["cases"][case]["cmc_top1"])
@@ -74,27 +81,49 @@ def test_demo_plan_writes_consistent_report(demo_workdir):
   assert bf["fractions"][0] == 0.0 and bf["fractions"][-1] == 1.0
   assert bf["cmc_top1"][0] == pytest.approx(res["cases"]["new/h"]["cmc_top1"])
   assert bf["cmc_top1"][-1] == pytest.approx(res["cases"]["new/new"]["cmc_top1"])
-  assert f"| 100% | {report._f(bf['cmc_top1'][-1])} | {report._f(bf['mAP'][-1])} |" in md
+  assert f"| 100% | {render.fmt(bf['cmc_top1'][-1])} | {render.fmt(bf['mAP'][-1])} |" in md
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "fct_jax.report", *args], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=300)
 
 
 def test_cli_rerenders_and_updates_readme(demo_workdir, tmp_path):
   readme = tmp_path / "README.md"
   readme.write_text("# x\n\nbefore\n<!-- demo-results:start -->\nold table\n<!-- demo-results:end -->\nafter\n")
-  before = json.load(open(os.path.join(demo_workdir, "results.json")))
-  assert report.main(["--workdir", demo_workdir, "--update-readme", str(readme), "--source-name", "/tmp/d"]) == 0
+  before = open(os.path.join(demo_workdir, "results.json"), "rb").read()
+  p = _cli(f"--workdir={demo_workdir}", f"--update_readme={readme}", "--source_name=/tmp/d")
+  assert p.returncode == 0, p.stderr[-3000:]
   text = readme.read_text()
   assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+  assert "--workdir /tmp/d --update_readme README.md" in text
   block = text.split("<!-- demo-results:start -->")[1].split("<!-- demo-results:end -->")[0]
   assert _md_cases("## Cases\n" + block) == _md_cases(open(os.path.join(demo_workdir, "results.md")).read())
-  assert json.load(open(os.path.join(demo_workdir, "results.json"))) == before  # row order kept on re-render
-  assert report.main(["--workdir", str(tmp_path)]) == 2  # no results.json: one-line error
+  assert open(os.path.join(demo_workdir, "results.json"), "rb").read() == before  # re-rendered byte for byte
+  p = _cli("--workdir", str(tmp_path))  # no results.json: one-line error
+  assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "\n" not in p.stderr.strip()
+
+
+def test_build_keeps_the_payload_first_and_the_sections_in_order():
+  payload = {"cases": {"old/old": {"cmc_top1": float("nan"), "cmc_top5": np.float32(50.0), "mAP": 1.0}},
+             "num_eval": 3, "side_info": "simclr"}
+  sections = {"compatibility": None, "backfill": None, "cka": {"models": ["old"], "values": [[1.0]]},
+              "cmc_curves": {"k": [1], "cases": {"old/old": [float("nan")]}}}
+  out = report.build(summary.EvaluationResults(payload, sections), experiment="x", paper_table="table1")
+  assert list(out) == list(payload) + REPORT_KEYS
+  assert out["cases"]["old/old"] == {"cmc_top1": None, "cmc_top5": 50.0, "mAP": 1.0}  # strict JSON
+  assert out["paper"] == {"table": "table1", "rows": {"old/old": [46.5, 64.6, 29.9]}, "cka": None}
+  assert out["cost"] is None and out["cmc_curves"]["cases"]["old/old"] == [None]
+  with pytest.raises(FCTError, match="unknown paper_table 'table9'"):
+    report.build(summary.EvaluationResults(payload, sections), paper_table="table9")
 
 
 def test_cmc_curves_match_evaluate():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(30, 4)).astype(np.float32), rng.normal(size=(30, 4)).astype(np.float32)
   labels = rng.integers(0, 4, 30)
-  curves = report.cmc_curves({"a": x, "b": y}, labels, ["a/a", "a/b"], max_k=100)
+  curves = summary.cmc_curves({"a": x, "b": y}, labels, ["a/a", "a/b"], max_k=100)
   assert curves["k"] == list(range(1, 30))  # capped at N − 1
   for case, (q, g) in (("a/a", (x, x)), ("a/b", (x, y))):
     ref = metrics.evaluate(q, g, labels, labels, query_is_gallery=True, ks=(1, 3, 29))
@@ -105,8 +134,8 @@ def test_cmc_curves_match_evaluate():
 def test_compatibility_matrix_and_sequence_rows():
   cases = {"v1/v1": {"cmc_top1": 30.0}, "v2/v2": {"cmc_top1": 46.0}, "v3/v3": {"cmc_top1": 68.0},
            "v2/h2(v1)": {"cmc_top1": 40.0}, "v3/h3(h2(v1))": {"cmc_top1": 57.0}, "v3/h13(v1)": {"cmc_top1": 60.0}}
-  assert report.is_sequence(cases) and not report.is_sequence({"old/old": {}, "new/h": {}})
-  m = report.compatibility_matrix(cases)
+  assert summary.is_sequence(cases) and not summary.is_sequence({"old/old": {}, "new/h": {}})
+  m = summary.compatibility_matrix(cases)
   assert m["queries"] == ["v1", "v2", "v3"]
   assert m["galleries"] == ["v1", "v2", "v3", "h2(v1)", "h3(h2(v1))", "h13(v1)"]
   assert m["values"][2][4] == 57.0 and m["values"][0][1] is None

@@ -5,6 +5,8 @@ order (matmul blocking, shards, chunks) gives the same bits and the tie rule is 
 """
 
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ from jax.sharding import Mesh
 
 from fct_jax import retrieval
 from fct_jax.retrieval import backfill, cases, cka, kernel, metrics, topk
+from fct_jax.stages import evaluation
 
 MESH1 = Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
@@ -53,22 +56,48 @@ def test_ties_duplicates_singletons_match_brute_force(method, devices, chunk):
   _assert_same(got, ref)
 
 
+class _Lines:
+  """A progress factory that records each report, as a caller's bar would print it."""
+
+  def __init__(self):
+    self.lines = []
+
+  def __call__(self, total):
+    return lambda done: self.lines.append((done, total))
+
+
 @pytest.mark.parametrize("devices", [1, 8])
-def test_progress_reporting_gives_the_same_results(devices, capsys):
-  """progress=True: the blocks run in several calls (the last padded) with a line per call; same numbers."""
+def test_progress_reporting_gives_the_same_results(devices, monkeypatch):
+  """A progress factory on a long job: the blocks run in several calls (the last padded), one report per call;
+  the same numbers. Short jobs keep one call and report nothing."""
   mesh = MESH1 if devices == 1 else _mesh8()
   x, labels = _tied_set(11, n=150)
-  ref = kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8, progress=False)
-  assert capsys.readouterr().out == ""
-  got = kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8, progress=True)
+  ref = kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8)
+  short = _Lines()
+  kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8, progress=short)
+  assert short.lines == []  # 150 × 150 scores: far below PROGRESS_MIN_SCORES
+  monkeypatch.setattr(kernel, "PROGRESS_MIN_SCORES", {"cpu": 0, "accelerator": 0})  # every job is long
+  bar = _Lines()
+  got = kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=8, progress=bar)
+  # 150 queries in blocks of 8 = 19 blocks, one per call (PROGRESS_CALLS = 20); the last report says all are done.
+  assert len(bar.lines) == 19 and bar.lines[-1] == (150, 150), bar.lines
+  assert [d for d, _ in bar.lines] == sorted(d for d, _ in bar.lines)
+  _assert_same(got, ref)
+  bar = _Lines()
+  r = retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=64, progress=bar)
+  assert len(bar.lines) == 3  # 3 blocks of 64
+  assert r == retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=64)
+
+
+def test_progress_bar_from_writers(monkeypatch, capsys):
+  """The bar callers build from writers.Progress (the kernel itself never prints)."""
+  monkeypatch.setattr(kernel, "PROGRESS_MIN_SCORES", {"cpu": 0, "accelerator": 0})
+  x, labels = _tied_set(11, n=150)
+  kernel.rank_stats(x, x, labels, labels, query_is_gallery=True, mesh=MESH1, query_block=8,
+                    progress=evaluation.retrieval_progress)
   lines = capsys.readouterr().out.strip().splitlines()
-  # 150 queries in blocks of 8 = 19 blocks, one per call (PROGRESS_CALLS = 20); the last line says all are done.
   assert len(lines) == 19 and all(l.startswith("[retrieval] ") for l in lines), lines
   assert lines[-1].startswith("[retrieval] 150/150 queries") and "ETA" in lines[-1]
-  _assert_same(got, ref)
-  r = retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=64, progress=True)
-  assert capsys.readouterr().out.count("[retrieval] ") == 3  # 3 blocks of 64
-  assert r == retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, mesh=mesh, query_block=64)
 
 
 def test_query_not_gallery_float_data_and_missing_classes():
@@ -222,7 +251,7 @@ def test_two_stage_local_topk_is_exact_with_ties(group):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_topk_search_matches_brute_force_with_ties(devices, capsys):
+def test_topk_search_matches_brute_force_with_ties(devices, monkeypatch):
   """Galleries large enough for the two-stage path on every shard (and one that is not), padded shards."""
   mesh = MESH1 if devices == 1 else _mesh8()
   rng = np.random.default_rng(3)
@@ -234,11 +263,13 @@ def test_topk_search_matches_brute_force_with_ties(devices, capsys):
     want = np.argsort(d2, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(idx, want)
     np.testing.assert_allclose(dist, np.sqrt(np.take_along_axis(d2, want, 1)), atol=1e-5)
-  # With progress lines: 16 queries in 3 calls of blocks of 6 (the last padded), the same neighbours.
-  idx_p, dist_p = topk.topk(q, g, 7, mesh=mesh, query_block=6, progress=True)
+  # With progress reports: 16 queries in 3 calls of blocks of 6 (the last padded), the same neighbours.
+  monkeypatch.setattr(kernel, "PROGRESS_MIN_SCORES", {"cpu": 0, "accelerator": 0})
+  bar = _Lines()
+  idx_p, dist_p = topk.topk(q, g, 7, mesh=mesh, query_block=6, progress=bar)
   np.testing.assert_array_equal(idx_p, idx)
   np.testing.assert_array_equal(dist_p, dist)
-  assert capsys.readouterr().out.count("[retrieval] ") == 3
+  assert len(bar.lines) == 3
 
 
 def test_linear_cka():
@@ -288,3 +319,13 @@ def test_reduce_pairs_counts_past_16_bits():
   got = kernel.rank_stats(q, g, ql, gl, mesh=MESH1, count_method="reduce_pairs")
   _assert_same(got, metrics.brute_force_stats(q, g, ql, gl))
   assert got.first_rank[0] == n - 10
+
+
+def test_retrieval_imports_only_lower_layers():
+  """retrieval sits below the writers, stages and report: importing it loads none of them (progress comes in as a
+  callback)."""
+  code = ("import sys, fct_jax.retrieval.summary, fct_jax.retrieval.topk, fct_jax.retrieval.cases; "
+          "print(' '.join(sorted(m for m in sys.modules if m.startswith('fct_jax'))))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+  assert set(out) - {"fct_jax", "fct_jax.errors", "fct_jax.sharding"} <= {m for m in out
+                                                                         if m.startswith("fct_jax.retrieval")}, out

@@ -12,12 +12,13 @@ import pytest
 
 from configs import common as cfg_common
 from configs import demo
-from fct_jax import checkpoint, experiment, sharding, train_lib
-from fct_jax.data import augment, shapes, sources
+from fct_jax import artifacts, checkpoint, experiment, sharding, train_lib
+from fct_jax.data import image_spec, resizing, shapes, simclr_views, sources
 from fct_jax.errors import FCTError
-from fct_jax.stages import side_info, transformation
+from fct_jax.stages import side_info
 
 VIEWS = {"crop_scale": (0.5, 1.0), "jitter_strength": 1.0, "max_hue": 0.5, "rotation": 180.0}
+SMALL = image_spec.SMALL_ARRAYS  # the shapes demo's input convention
 
 
 def _example(i=0, size=16):
@@ -31,9 +32,9 @@ def _example(i=0, size=16):
 @pytest.mark.parametrize("kw", [{}, VIEWS, {"blur_prob": 1.0, "out_size": 12}])
 def test_two_views_differ_and_are_deterministic(kw):
   ex = _example()
-  a = augment.simclr_two_views(ex, np.random.default_rng(3), **kw)
-  b = augment.simclr_two_views(ex, np.random.default_rng(3), **kw)
-  c = augment.simclr_two_views(ex, np.random.default_rng(4), **kw)
+  a = simclr_views.simclr_two_views(ex, np.random.default_rng(3), spec=SMALL, **kw)
+  b = simclr_views.simclr_two_views(ex, np.random.default_rng(3), spec=SMALL, **kw)
+  c = simclr_views.simclr_two_views(ex, np.random.default_rng(4), spec=SMALL, **kw)
   size = kw.get("out_size") or 16
   assert set(a) == {"view1", "view2", "label"}  # the raw image is dropped, labels pass through
   for v in ("view1", "view2"):
@@ -45,12 +46,12 @@ def test_two_views_differ_and_are_deterministic(kw):
 
 def test_crop_resize_and_rotation_geometry():
   img = np.random.default_rng(0).random((8, 8, 3)).astype(np.float32)
-  np.testing.assert_allclose(augment.resize_bilinear(img, (0, 0, 8, 8), 8, 8), img, atol=1e-6)  # identity
-  np.testing.assert_allclose(augment.resize_bilinear(img, (2, 1, 4, 4), 4, 4), img[2:6, 1:5], atol=1e-6)
-  np.testing.assert_allclose(augment.rotated_crop_bilinear(img, (0, 0, 8, 8), np.pi / 2, 8, 8), np.rot90(img),
+  np.testing.assert_allclose(resizing.resize_bilinear(img, (0, 0, 8, 8), 8, 8), img, atol=1e-6)  # identity
+  np.testing.assert_allclose(resizing.resize_bilinear(img, (2, 1, 4, 4), 4, 4), img[2:6, 1:5], atol=1e-6)
+  np.testing.assert_allclose(resizing.rotated_crop_bilinear(img, (0, 0, 8, 8), np.pi / 2, 8, 8), np.rot90(img),
                              atol=1e-5)
   for seed in range(20):  # boxes always lie inside the image, within the area bounds (or the fallback)
-    top, left, h, w = augment.random_resized_crop_box(np.random.default_rng(seed), 16, 12, scale=(0.3, 1.0))
+    top, left, h, w = resizing.random_resized_crop_box(np.random.default_rng(seed), 16, 12, scale=(0.3, 1.0))
     assert 0 <= top and top + h <= 16 and 0 <= left and left + w <= 12 and h * w >= 0.25 * 16 * 12
 
 
@@ -59,11 +60,15 @@ def test_gamma_view_is_a_per_channel_power():
   ex = _example()
   plain = dict(crop_scale=(1.0, 1.0), flip=False, jitter_strength=0.0, grayscale_prob=0.0)
   x = ex["image"].astype(np.float32) / 255.0
+
+  def view(seed, gamma):  # the view in [0, 1]: normalisation undone
+    v = simclr_views.simclr_view(ex["image"], np.random.default_rng(seed), spec=SMALL, gamma=gamma, **plain)
+    return v * np.float32(SMALL.std) + np.float32(SMALL.mean)
+
   # gamma=1 (the default) and no other change: the view is the image itself, normalised.
-  view = augment.simclr_view(ex["image"], np.random.default_rng(0), gamma=1.0, **plain)
-  np.testing.assert_allclose(view * augment.STD + augment.MEAN, x, atol=1e-6)
+  np.testing.assert_allclose(view(0, 1.0), x, atol=1e-6)
   for seed in range(5):
-    y = augment.simclr_view(ex["image"], np.random.default_rng(seed), gamma=2.0, **plain) * augment.STD + augment.MEAN
+    y = view(seed, 2.0)
     for c in range(3):
       inside = (x[..., c] > 0.05) & (x[..., c] < 0.95)
       g = np.log(np.maximum(y[..., c][inside], 1e-6)) / np.log(x[..., c][inside])
@@ -74,14 +79,14 @@ def test_gamma_view_is_a_per_channel_power():
 
 
 def _simclr_cfg():
-  c = demo.get_config("stage=side_info,runlocal")
+  c = demo.get_config("runlocal").stages.side_info
   c.train.batch_size = 8
   return c
 
 
 def test_nt_xent_gradients_finite_and_loss_decreases():
   cfg = _simclr_cfg()
-  model = side_info.build_model(cfg)
+  model = artifacts.build_side_model(cfg)
   task = side_info.make_task(cfg, model)
   source, _ = sources.get_source(cfg.data, cfg.split)
   rng = np.random.default_rng(0)
@@ -114,7 +119,7 @@ def test_simclr_loss_is_global_over_devices(tmp_path):
   source, _ = sources.get_source(cfg.data, cfg.split)
   out = {}
   for n in (1, 8):
-    task = side_info.make_task(cfg, side_info.build_model(cfg))
+    task = side_info.make_task(cfg, artifacts.build_side_model(cfg))
     _, hist = train_lib.train(cfg=cfg, workdir=str(tmp_path / f"d{n}"), task=task, source=source,
                               mesh=sharding.make_mesh(jax.devices()[:n]))
     out[n] = hist[0]["loss"]
@@ -152,21 +157,21 @@ def upstream(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("side"))
   for s in ("old", "new"):
     c = demo.get_config(f"stage={s},runlocal")
-    c.train.steps = 1
+    c.stages[s].train.steps = 1
     experiment.run(c, wd)
   return wd
 
 
-@pytest.mark.parametrize("method", side_info.METHODS)
+@pytest.mark.parametrize("method", artifacts.SIDE_INFO_METHODS)
 def test_each_alternative_trains_and_feeds_h(upstream, method):
   stages = [_side_cfg(method, f"si_{method}"), _h_cfg(f"h_{method}", method, 8, f"si_{method}", cache=False)]
   assert experiment.run(cfg_common.experiment("demo", stages), upstream) == [s.name for s in stages]
-  ctx = side_info.common.Context(workdir=upstream)
-  psi = side_info.load(ctx, f"si_{method}", "test")
+  ctx = artifacts.Context(workdir=upstream)
+  psi = artifacts.load_side_info(ctx, f"si_{method}", "test")
   assert psi.method == method and psi.dim == 8
   images = np.zeros((2, 16, 16, 3), np.float32)
   assert psi.apply(psi.variables, images).shape == (2, 8)
-  h, hcfg, side = transformation.load_h(ctx, f"h_{method}", "test")
+  h, hcfg, side = artifacts.load_h(ctx, f"h_{method}", "test")
   assert side.method == method and h(np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32)).shape == (3, 8)
   if method == "simclr":  # the saved model keeps the projection head; ψ is the encoder alone
     saved = checkpoint.load_model(os.path.join(upstream, "si_simclr"))
@@ -178,9 +183,9 @@ def test_each_alternative_trains_and_feeds_h(upstream, method):
 def test_no_side_info_feeds_zeros(upstream, dim):
   cfg = _h_cfg(f"h_none{dim}", "none", dim)
   assert experiment.run(cfg_common.experiment("demo", [cfg]), upstream) == [cfg.name]
-  _, _, side = transformation.load_h(side_info.common.Context(workdir=upstream), cfg.name, "test")
+  _, _, side = artifacts.load_h(artifacts.Context(workdir=upstream), cfg.name, "test")
   source, _ = sources.get_source(cfg.data, "eval")
-  psi = side.embed(source, batch_size=8)
+  psi = side.embed(source, batch_size=8, transform=artifacts.eval_transform(cfg))
   assert psi.shape == (len(source), dim) and not psi.any()
 
 
@@ -205,25 +210,25 @@ def test_input_norm_makes_psi_invariant_to_affine_intensity(upstream):
   cfg = _side_cfg("simclr", "si_norm")
   cfg.input_norm = "image"
   experiment.run(cfg_common.experiment("demo", [cfg]), upstream)
-  psi = side_info.load(side_info.common.Context(workdir=upstream), "si_norm", "test")
+  psi = artifacts.load_side_info(artifacts.Context(workdir=upstream), "si_norm", "test")
   x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
   a = np.asarray(psi.apply(psi.variables, x))
   b = np.asarray(psi.apply(psi.variables, 2.5 * x + 0.7))
   assert np.ptp(a) > 0
   np.testing.assert_allclose(a, b, rtol=3e-3, atol=1e-4)  # up to eps in the std
   cfg.input_norm = "none"  # without it the same network is not invariant
-  plain = side_info.encoder_module(cfg)
+  plain = artifacts.side_encoder(cfg)[0]
   v = plain.init(jax.random.key(0), x)
   assert not np.allclose(plain.apply(v, x)["embedding"], plain.apply(v, 2.5 * x + 0.7)["embedding"], atol=1e-3)
   cfg.input_norm = "channel"
   with pytest.raises(FCTError, match="unknown input_norm 'channel'"):
-    side_info.build_model(cfg)
+    artifacts.build_side_model(cfg)
 
 
 def test_side_info_stage_input_norm_argument():
   """``common.side_info_stage(input_norm=...)``: "none" by default, the stage's own values only."""
-  kw = dict(data={}, split="old_train", model={"name": "small_cnn"}, train_cfg={}, seed=0)
-  assert cfg_common.INPUT_NORMS == side_info.INPUT_NORMS
+  kw = dict(data={"name": "digits"}, split="old_train", model={"name": "small_cnn"}, seed=0,
+            train_cfg=cfg_common.train(batch_size=8, epochs=1, optimizer_cfg=cfg_common.optimizer("sgd", 0.1)))
   assert cfg_common.side_info_stage("s", **kw).input_norm == "none"
   assert cfg_common.side_info_stage("s", input_norm="image", **kw).input_norm == "image"
   with pytest.raises(ValueError, match="unknown input_norm 'channel'; valid: none, image"):
@@ -251,7 +256,7 @@ def test_unknown_method():
   bad = _side_cfg("simclr", "x")
   bad.method = "byol"
   with pytest.raises(FCTError, match="unknown side-info method 'byol'"):
-    side_info.build_model(bad)
+    artifacts.build_side_model(bad)
 
 
 def test_side_info_ablation_plan_end_to_end(tmp_path):

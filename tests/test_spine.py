@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common as cfg_common
 from configs import demo
-from fct_jax import checkpoint, experiment, sharding, train_lib
+from fct_jax import artifacts, checkpoint, experiment, sharding, train_lib
 from fct_jax.errors import FCTError, NonFiniteError
-from fct_jax.stages import backbone, common
+from fct_jax.stages import backbone
 from fct_jax.data import sources
 
 STAGES = ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "eval"]
@@ -33,8 +34,9 @@ def _main(*args, cwd=REPO):
 def test_config_forms():
   full = demo.get_config()
   assert full.stage == "" and list(full.plan) == STAGES
-  one = demo.get_config("stage=old,runlocal")
-  assert one.stage == "old" and one.kind == "backbone" and one.train.steps == 2
+  one = demo.get_config("stage=old,runlocal")  # the plan, with one stage selected
+  assert one.stage == "old" and list(one.plan) == STAGES and one.stages.old.kind == "backbone"
+  assert one.stages.old.train.steps == 2
   with pytest.raises(ValueError, match="unknown stage"):
     demo.get_config("stage=nope")
   with pytest.raises(ValueError, match="unknown config argument"):
@@ -43,7 +45,8 @@ def test_config_forms():
 
 def test_cli_runs_a_stage_with_overrides(tmp_path):
   rc, out, err = _main("--config=configs/demo.py:stage=old,runlocal", f"--workdir={tmp_path}",
-                       "--config.train.steps=1", "--config.seed=9", "--config.train.optimizer.lr=0.05")
+                       "--config.stages.old.train.steps=1", "--config.stages.old.seed=9",
+                       "--config.stages.old.train.optimizer.lr=0.05")
   assert rc == 0, err
   saved = json.load(open(tmp_path / "old" / "config.json"))
   assert saved["train"]["steps"] == 1 and saved["seed"] == 9 and saved["train"]["optimizer"]["lr"] == 0.05
@@ -104,10 +107,16 @@ def test_single_stage_config_shares_the_workdir(demo_run):
 
 
 def _old_cfg(steps=4):
-  cfg = demo.get_config("stage=old,runlocal")
+  """The runlocal demo's ``old`` stage config, ``steps`` steps, a checkpoint every step."""
+  cfg = demo.get_config("runlocal").stages.old
   cfg.train.steps = steps
   cfg.train.checkpoint_every_steps = 1
   return cfg
+
+
+def _one(cfg):
+  """The demo plan of that one stage (what ``experiment.run`` takes)."""
+  return cfg_common.experiment("demo", [cfg], cfg.name)
 
 
 def _params(wd, stage="old"):
@@ -116,10 +125,10 @@ def _params(wd, stage="old"):
 
 def test_resume_is_bit_exact(tmp_path):
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  experiment.run(_old_cfg(), full)
-  assert experiment.run(_old_cfg(), split, stop_at_step=2) == []
+  experiment.run(_one(_old_cfg()), full)
+  assert experiment.run(_one(_old_cfg()), split, stop_at_step=2) == []
   assert not checkpoint.is_done(os.path.join(split, "old"))
-  assert experiment.run(_old_cfg(), split) == ["old"]
+  assert experiment.run(_one(_old_cfg()), split) == ["old"]
   a, b = _params(full), _params(split)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
@@ -128,7 +137,7 @@ def test_same_loss_on_one_and_eight_devices(tmp_path):
   assert jax.device_count() == 8
   cfg = _old_cfg(steps=1)
   source, info = sources.get_source(cfg.data, cfg.split)
-  model = common.build_backbone(cfg, info.num_classes)
+  model = artifacts.build_backbone(cfg, info.num_classes)
   out = {}
   for n in (1, 8):
     mesh = sharding.make_mesh(jax.devices()[:n])
@@ -146,13 +155,13 @@ def test_batch_not_divisible_by_devices(tmp_path):
   cfg = _old_cfg()
   cfg.train.batch_size = 12
   with pytest.raises(FCTError, match="not a positive multiple of the device count 8"):
-    experiment.run(cfg, str(tmp_path))
+    experiment.run(_one(cfg), str(tmp_path))
 
 
 def test_nan_loss_stops_without_checkpoint(tmp_path):
   cfg = _old_cfg()
   source, info = sources.get_source(cfg.data, cfg.split)
-  model = common.build_backbone(cfg, info.num_classes)
+  model = artifacts.build_backbone(cfg, info.num_classes)
   task = backbone.make_task(cfg, model, info.num_classes)
   good = task.loss
   task.loss = lambda *a: (lambda l, aux: (l * np.nan, aux))(*good(*a))
@@ -165,11 +174,11 @@ def test_empty_class_subset(tmp_path):
   cfg = _old_cfg()
   cfg.data.num_old_train = 0
   with pytest.raises(FCTError, match="split 'old_train' is empty"):
-    experiment.run(cfg, str(tmp_path / "a"))
+    experiment.run(_one(cfg), str(tmp_path / "a"))
   cfg = _old_cfg()
   cfg.split = "train_0"  # the first 0 shapes
   with pytest.raises(FCTError, match="K must be in"):
-    experiment.run(cfg, str(tmp_path / "b"))
+    experiment.run(_one(cfg), str(tmp_path / "b"))
 
 
 def test_transformation_without_upstream(tmp_path):

@@ -19,9 +19,8 @@ import pytest
 
 from configs import common as cfg_common
 from configs import demo
-from fct_jax import checkpoint, experiment, models, torch_import
+from fct_jax import artifacts, checkpoint, experiment, models, torch_import, torch_stages
 from fct_jax.errors import FCTError
-from fct_jax.stages import common, side_info, transformation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -227,7 +226,7 @@ FILES = {"old": "torch_resnet18_tiny.pt", "side_info": "torch_side_tiny.npz", "n
 def imported(tmp_path_factory):
   """Every model stage imported, then the plan run: only the evaluation trains or computes anything."""
   wd = str(tmp_path_factory.mktemp("imported"))
-  records = {s: experiment.import_stage(_experiment(s), wd, os.path.join(DATA, f)) for s, f in FILES.items()}
+  records = {s: torch_stages.import_stage(_experiment(s), wd, os.path.join(DATA, f)) for s, f in FILES.items()}
   ran = experiment.run(_experiment(), wd)
   return wd, records, ran
 
@@ -237,17 +236,17 @@ def test_imported_stages_are_read_like_trained_ones(imported):
   assert ran == ["eval"]  # every imported stage was skipped as finished
   assert records["old"]["prefix"] == "model." and records["new"]["prefix"] == ""
   assert records["side_info"]["unused"] == ["model.fc.weight"]  # ψ has no classifier: left out, and said so
-  saved = checkpoint.read_json(os.path.join(wd, "old", experiment.IMPORTED))
+  saved = checkpoint.read_json(os.path.join(wd, "old", checkpoint.IMPORTED))
   assert saved["sha256"] == records["old"]["sha256"] and len(saved["sha256"]) == 64
   # The saved models are the torch networks: the old stage's embedding of the fixture's images is torch's
-  ctx = common.Context(workdir=wd)
-  module, variables, _ = common.load_backbone(ctx, "old", "test")
+  ctx = artifacts.Context(workdir=wd)
+  module, variables, _ = artifacts.load_backbone(ctx, "old", "test")
   np.testing.assert_allclose(module.apply(variables, IMAGE)["embedding"], IO["resnet18_feature"][:, :, 0, 0],
                              atol=1e-5, rtol=1e-5)
-  psi = side_info.load(ctx, "side_info", "test")
+  psi = artifacts.load_side_info(ctx, "side_info", "test")
   np.testing.assert_allclose(psi.apply(psi.variables, jnp.asarray(IMAGE)), IO["side_feature"][:, :, 0, 0],
                              atol=1e-5, rtol=1e-5)
-  transform, _, _ = transformation.load_h(ctx, "transformation", "test")
+  transform, _, _ = artifacts.load_h(ctx, "transformation", "test")
   np.testing.assert_allclose(transform(IO["old"][:, :, 0, 0], IO["side"][:, :, 0, 0]), IO["fct_mlp_out"][:, :, 0, 0],
                              atol=1e-5, rtol=1e-5)
   results = checkpoint.read_json(os.path.join(wd, "eval", "results.json"))
@@ -262,7 +261,7 @@ def test_export_gives_back_the_torch_state_dict(imported, tmp_path, stage, linea
   """Exported stages are the tensors PyTorch wrote, bit for bit (ψ without its classifier), in PyTorch's names."""
   wd, _, _ = imported
   out = tmp_path / f"{stage}.npz"
-  n = experiment.export_stage(_experiment(stage), wd, str(out), linear_as_conv=not linear)
+  n = torch_stages.export_stage(_experiment(stage), wd, str(out), linear_as_conv=not linear)
   got = dict(np.load(out))
   want = {k.removeprefix("model."): v for k, v in _state(FILES[stage]).items()}
   if stage == "side_info":
@@ -272,35 +271,35 @@ def test_export_gives_back_the_torch_state_dict(imported, tmp_path, stage, linea
     assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
     np.testing.assert_array_equal(got[k], v, err_msg=k)
   with pytest.raises(FCTError, match="exists; choose another path"):
-    experiment.export_stage(_experiment(stage), wd, str(out))
+    torch_stages.export_stage(_experiment(stage), wd, str(out))
 
 
 def test_export_refusals(imported, tmp_path):
   wd, _, _ = imported
   with pytest.raises(FCTError, match="is not finished"):
-    experiment.export_stage(_experiment("old"), str(tmp_path), str(tmp_path / "a.npz"))
+    torch_stages.export_stage(_experiment("old"), str(tmp_path), str(tmp_path / "a.npz"))
   with pytest.raises(FCTError, match="export to a .npz file"):
-    experiment.export_stage(_experiment("old"), wd, str(tmp_path / "a.pt"))
+    torch_stages.export_stage(_experiment("old"), wd, str(tmp_path / "a.pt"))
   with pytest.raises(FCTError, match="has no weights to import or export"):
-    experiment.export_stage(_experiment("eval"), wd, str(tmp_path / "a.npz"))
+    torch_stages.export_stage(_experiment("eval"), wd, str(tmp_path / "a.npz"))
   with pytest.raises(FCTError, match="only ResNets have a PyTorch counterpart here, and its model is SmallCNN"):
-    torch_import.stage_model("old", demo.get_config("stage=old,runlocal"))  # checked before any file is read
+    torch_stages.stage_model("old", demo.get_config("runlocal").stages.old)  # checked before any file is read
   assert not list(tmp_path.iterdir())
 
 
 def test_import_refuses_without_writing(imported, tmp_path):
   wd, _, _ = imported
   with pytest.raises(FCTError, match="stage 'old' in .* is finished already"):
-    experiment.import_stage(_experiment("old"), wd, os.path.join(DATA, FILES["old"]))
+    torch_stages.import_stage(_experiment("old"), wd, os.path.join(DATA, FILES["old"]))
   with pytest.raises(FCTError, match="an import fills one stage"):
-    experiment.import_stage(_experiment(), str(tmp_path / "a"), os.path.join(DATA, FILES["old"]))
+    torch_stages.import_stage(_experiment(), str(tmp_path / "a"), os.path.join(DATA, FILES["old"]))
   with pytest.raises(FCTError, match="needs stage 'old'"):  # h's widths come from its upstream stages
-    experiment.import_stage(_experiment("transformation"), str(tmp_path / "b"),
+    torch_stages.import_stage(_experiment("transformation"), str(tmp_path / "b"),
                             os.path.join(DATA, FILES["transformation"]))
   with pytest.raises(FCTError, match="has no weights to import"):
-    experiment.import_stage(_experiment("eval"), str(tmp_path / "c"), os.path.join(DATA, FILES["old"]))
+    torch_stages.import_stage(_experiment("eval"), str(tmp_path / "c"), os.path.join(DATA, FILES["old"]))
   with pytest.raises(FCTError, match=r"model.layer4.1.bn1.running_mean has shape \(4,\)"):  # ψ's file, old stage
-    experiment.import_stage(_experiment("old"), str(tmp_path / "d"), os.path.join(DATA, FILES["side_info"]))
+    torch_stages.import_stage(_experiment("old"), str(tmp_path / "d"), os.path.join(DATA, FILES["side_info"]))
   assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written by a refused import
 
 
@@ -309,14 +308,14 @@ def test_wider_classifier_gives_its_first_rows(tmp_path):
   r18 = _state(FILES["old"])
   wide = dict(r18, **{"model.fc.weight": np.concatenate([r18["model.fc.weight"], np.ones((3, 8, 1, 1), np.float32)])})
   np.savez(tmp_path / "wide.npz", **wide)
-  record = experiment.import_stage(_experiment("old"), str(tmp_path / "wd"), str(tmp_path / "wide.npz"))
+  record = torch_stages.import_stage(_experiment("old"), str(tmp_path / "wd"), str(tmp_path / "wide.npz"))
   assert record["note"] == "classifier: the first 4 of the checkpoint's 7 classes"
-  module, variables, _ = common.load_backbone(common.Context(workdir=str(tmp_path / "wd")), "old", "test")
+  module, variables, _ = artifacts.load_backbone(artifacts.Context(workdir=str(tmp_path / "wd")), "old", "test")
   np.testing.assert_allclose(module.apply(variables, IMAGE)["logits"], IO["resnet18_logits"], atol=1e-5, rtol=1e-5)
   narrow = dict(r18, **{"model.fc.weight": r18["model.fc.weight"][:3]})
   np.savez(tmp_path / "narrow.npz", **narrow)
   with pytest.raises(FCTError, match=r"model.fc.weight has shape \(3, 8, 1, 1\).*needs \(8, 4\)"):
-    experiment.import_stage(_experiment("old"), str(tmp_path / "wd2"), str(tmp_path / "narrow.npz"))
+    torch_stages.import_stage(_experiment("old"), str(tmp_path / "wd2"), str(tmp_path / "narrow.npz"))
 
 
 def test_cli_imports_a_stage(tmp_path):

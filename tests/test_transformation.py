@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from configs import cifar100_sequence, demo, demo_sequence, imagenet_sequence
-from fct_jax import checkpoint, experiment, sharding, train_lib
+from fct_jax import checkpoint, config_schema, experiment, sharding, train_lib
 from fct_jax.data import sources
 from fct_jax.errors import FCTError, NonFiniteError
-from fct_jax.gallery import loader
-from fct_jax.stages import backbone, common, transformation
+from fct_jax import artifacts
+from fct_jax.stages import backbone, transformation
 import stage_logs  # tests/stage_logs.py  pylint: disable=g-bad-import-order
 
 SEQUENCE_ROWS = ("v2/h2(v1)", "v3/h3(v2)", "v3/h3(h2(v1))", "v3/h13(v1)")
@@ -32,7 +32,7 @@ def seq_run(tmp_path_factory):
 
 
 def _stage_cfg(stage, **changes):
-  cfg = demo_sequence.get_config(f"stage={stage},runlocal")
+  cfg = demo_sequence.get_config("runlocal").stages[stage]
   for k, v in changes.items():
     target = cfg
     *path, last = k.split(".")
@@ -46,7 +46,7 @@ def _run_stage(cfg, wd, name):
   d = os.path.join(wd, name)
   shutil.rmtree(d, ignore_errors=True)
   os.makedirs(d)
-  return transformation.run(cfg, d, common.Context(workdir=wd)), d
+  return transformation.run(cfg, d, artifacts.Context(workdir=wd)), d
 
 
 def test_sequence_plan_end_to_end(seq_run):
@@ -60,8 +60,8 @@ def test_sequence_plan_end_to_end(seq_run):
   assert res["rows"]["v3/h3(h2(v1))"]["hops"] == [["h2", "g2"], ["h3", ""]]
   assert os.path.exists(os.path.join(wd, "compatibility.png"))  # the report's sequence matrix
   # g2 maps (φ1, ψ1) to ψ2's width.
-  g, gcfg, side = transformation.load_h(common.Context(workdir=wd), "g2", "test")
-  assert transformation.target_kind(gcfg, common.Context(workdir=wd)) == "side_info" and side.stage == "side1"
+  g, gcfg, side = artifacts.load_h(artifacts.Context(workdir=wd), "g2", "test")
+  assert artifacts.target_kind(gcfg, artifacts.Context(workdir=wd)) == "side_info" and side.stage == "side1"
   n = 5
   out = g(np.zeros((n, 8), np.float32), np.zeros((n, 8), np.float32))
   assert out.shape == (n, 8)
@@ -122,8 +122,8 @@ def test_cached_multi_step_calls_and_resume_are_bit_identical(seq_run, capsys):
   resumed = os.path.join(wd, "h2_resumed")
   shutil.rmtree(resumed, ignore_errors=True)
   os.makedirs(resumed)
-  assert not transformation.run(cfg, resumed, common.Context(workdir=wd, stop_at_step=3))
-  assert transformation.run(cfg, resumed, common.Context(workdir=wd))
+  assert not transformation.run(cfg, resumed, artifacts.Context(workdir=wd, stop_at_step=3))
+  assert transformation.run(cfg, resumed, artifacts.Context(workdir=wd))
   for other in (multi, resumed):
     jax.tree.map(np.testing.assert_array_equal, _model(ref), _model(other))
   # The logged loss is the mean over the same 6 steps however they were grouped into calls.
@@ -144,7 +144,7 @@ def test_cached_one_and_eight_devices_agree(seq_run):
     d = os.path.join(wd, cfg.name)
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
-    assert transformation.run(cfg, d, common.Context(workdir=wd, mesh=sharding.make_mesh(jax.devices()[:n])))
+    assert transformation.run(cfg, d, artifacts.Context(workdir=wd, mesh=sharding.make_mesh(jax.devices()[:n])))
     assert stage_logs.hparams(d)[0]["devices"] == str(n)  # the mesh was used
     out[n] = (stage_logs.records(d)[-1]["loss"], _model(d))
   np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-5)
@@ -178,7 +178,7 @@ def test_load_h_reads_widths_from_configs_not_checkpoints(seq_run):
     shutil.copytree(os.path.join(wd, stage), os.path.join(src, stage))
   for stage in ("v1", "v2"):  # φ_old and φ_new checkpoints are not needed to use h
     shutil.rmtree(os.path.join(src, stage, "model"))
-  h, _, side = transformation.load_h(common.Context(workdir=src), "h2", "test")
+  h, _, side = artifacts.load_h(artifacts.Context(workdir=src), "h2", "test")
   assert side.stage == "side1" and h(np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32)).shape == (3, 8)
   # An upstream stage whose recorded width no longer fits the trained h: a one-line error.
   cfg_path = os.path.join(src, "v2", "config.json")
@@ -186,7 +186,7 @@ def test_load_h_reads_widths_from_configs_not_checkpoints(seq_run):
   c["model"]["embedding_dim"] = 12
   json.dump(c, open(cfg_path, "w"))
   with pytest.raises(FCTError, match=r"transformation 'h2' does not fit the widths .* d_new=12") as e:
-    transformation.load_h(common.Context(workdir=src), "h2", "test")
+    artifacts.load_h(artifacts.Context(workdir=src), "h2", "test")
   assert "\n" not in str(e.value)
 
 
@@ -199,29 +199,30 @@ def test_sequence_evaluation_loads_each_side_info_once_and_shares_hops(seq_run, 
     if stage != "eval":
       os.symlink(os.path.join(wd, stage), tmp_path / stage)
   loads, applied = [], []
-  real_load, real_load_h = transformation.side_info.load, transformation.load_h
-  monkeypatch.setattr(transformation.side_info, "load", lambda ctx, stage, by: loads.append(stage) or
+  real_load, real_load_h = artifacts.load_side_info, artifacts.load_h
+  monkeypatch.setattr(artifacts, "load_side_info", lambda ctx, stage, by: loads.append(stage) or
                       real_load(ctx, stage, by))
 
   def counting_load_h(ctx, stage, *args, **kwargs):
     fn, *rest = real_load_h(ctx, stage, *args, **kwargs)
     return (lambda phi, psi: applied.append(stage) or fn(phi, psi)), *rest
-  monkeypatch.setattr(transformation, "load_h", counting_load_h)
+  monkeypatch.setattr(artifacts, "load_h", counting_load_h)
   os.makedirs(tmp_path / "eval")
   from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
-  assert sequence.run(_stage_cfg("eval"), str(tmp_path / "eval"), common.Context(workdir=str(tmp_path)))
+  res = sequence.run(_stage_cfg("eval"), str(tmp_path / "eval"), artifacts.Context(workdir=str(tmp_path)))
+  assert res  # a finished stage: its results (the experiment writes the report from them)
   assert sorted(loads) == ["side1", "side2"]
   # 9 hop applications over the 8 rows (11 without sharing): h2 and h2_none once each, shared by two rows; h3 (and
   # h3_none) twice, on v2 and on h2(v1).
   assert sorted(applied) == sorted(["h2", "h3", "g2", "h3", "h13", "h2_none", "h3_none", "h3_none", "h13_none"])
-  got = json.load(open(tmp_path / "results.json"))
+  got = res.payload
   want = json.load(open(os.path.join(wd, "results.json")))
   assert got["cases"] == want["cases"] and got["hop_errors"] == want["hop_errors"]
 
 
 def test_sequence_hop_errors(seq_run):
   """Each row's hop errors: one entry per hop; h2's and g2's recomputed here from the models and the images."""
-  from fct_jax.stages import sequence, side_info  # pylint: disable=g-import-not-at-top
+  from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top
   wd, _ = seq_run
   res = json.load(open(os.path.join(wd, "results.json")))
   hops = res["hop_errors"]
@@ -232,15 +233,15 @@ def test_sequence_hop_errors(seq_run):
       assert np.isfinite(e["phi_rel_sq_err"]) and e["phi_rel_sq_err"] >= 0
       assert (e["psi_rel_sq_err"] is None) == (not e["g"])
   assert "## Hop errors" in open(os.path.join(wd, "results.md")).read()
-  ctx = common.Context(workdir=wd)
+  ctx = artifacts.Context(workdir=wd)
   cfg = _stage_cfg("eval")
   source, _ = sources.get_source(cfg.data, cfg.split)
-  embed = lambda stage: common.embed(*common.load_backbone(ctx, stage, "test")[:2], source, batch_size=16,
-                                     transform=common.eval_transform(cfg))
-  psi = lambda stage: side_info.load(ctx, stage, "test").embed(source, batch_size=16,
-                                                              transform=common.eval_transform(cfg))
+  embed = lambda stage: artifacts.embed(*artifacts.load_backbone(ctx, stage, "test")[:2], source, batch_size=16,
+                                     transform=artifacts.eval_transform(cfg))
+  psi = lambda stage: artifacts.load_side_info(ctx, stage, "test").embed(source, batch_size=16,
+                                                              transform=artifacts.eval_transform(cfg))
   phi1, psi1 = embed("v1"), psi("side1")
-  h2, g2 = transformation.load_h(ctx, "h2", "test")[0], transformation.load_h(ctx, "g2", "test")[0]
+  h2, g2 = artifacts.load_h(ctx, "h2", "test")[0], artifacts.load_h(ctx, "g2", "test")[0]
   first = hops["v3/h3(h2(v1))"][0]
   np.testing.assert_allclose(first["phi_rel_sq_err"],
                              sequence.relative_squared_error(h2(phi1, psi1), embed("v2")), rtol=1e-5)
@@ -267,7 +268,7 @@ def test_sequence_row_with_a_g_in_place_of_h_is_refused(seq_run):
   cfg = _stage_cfg("eval")
   cfg.rows = [{"name": "v2/g(v1)", "query": "v2", "hops": [["g2", ""]]}]
   with pytest.raises(FCTError, match=r"'g2' is a g \(its target 'side2' is side-information\), not an h") as e:
-    sequence.run(cfg, os.path.join(wd, "eval_bad"), common.Context(workdir=wd))
+    sequence.run(cfg, os.path.join(wd, "eval_bad"), artifacts.Context(workdir=wd))
   assert "\n" not in str(e.value)
 
 
@@ -289,9 +290,11 @@ def _vector_task(rows, *, nan_from=None):
 
 
 def _vector_cfg(**train):
-  t = {"batch_size": 8, "epochs": 1, "steps": 10, "optimizer": {"name": "sgd", "lr": 0.1},
-       "log_every_steps": 1, "checkpoint_every_steps": 0, **train}
-  return ml_collections.ConfigDict({"seed": 0, "train": t})
+  """A ``train`` block by hand, every field (the schema's defaults for those not set here), as a stage gets it."""
+  t = {**config_schema.TRAIN, "batch_size": 8, "epochs": 1.0, "steps": 10,
+       "optimizer": {**config_schema.OPTIMIZER, "name": "sgd", "lr": 0.1}, "log_every_steps": 1,
+       "checkpoint_every_steps": 0, **train}
+  return ml_collections.ConfigDict({"seed": 0, "prng_impl": "rbg", "train": t})
 
 
 def test_device_rows_padded_gather_matches_host(tmp_path):
@@ -328,10 +331,10 @@ def test_stored_feature_width_mismatch_is_one_line(seq_run):
   old = np.load(os.path.join(d, "features", "old.npy"))
   np.save(os.path.join(d, "features", "old.npy"), old[:, :5])  # features stored by a 5-d model
   with pytest.raises(FCTError, match=r"'old' features of width 5 but h expects 8") as e:
-    transformation.run(cfg, d, common.Context(workdir=wd))
+    transformation.run(cfg, d, artifacts.Context(workdir=wd))
   assert "\n" not in str(e.value)
   # Stored gallery vectors of the wrong width given to a trained h: the same kind of error.
-  h, _, _ = transformation.load_h(common.Context(workdir=wd), "h2", "test")
+  h, _, _ = artifacts.load_h(artifacts.Context(workdir=wd), "h2", "test")
   with pytest.raises(FCTError, match=r"takes 8-d φ_old but got an array of shape \(3, 6\)") as e:
     h(np.zeros((3, 6), np.float32), np.zeros((3, 8), np.float32))
   assert "\n" not in str(e.value)
@@ -339,16 +342,16 @@ def test_stored_feature_width_mismatch_is_one_line(seq_run):
 
 def test_bct_influence_through_frozen_old_classifier(seq_run):
   wd, _ = seq_run
-  ctx = common.Context(workdir=wd)
+  ctx = artifacts.Context(workdir=wd)
   old_dir = os.path.join(wd, "v1")
-  before = loader.stage_fingerprint(old_dir)
-  cfg = demo.get_config("stage=bct_new,runlocal")
+  before = artifacts.stage_fingerprint(old_dir)
+  cfg = demo.get_config("runlocal").stages.bct_new
   cfg.bct.old = "v1"
   cfg.name = "bct"
   d = os.path.join(wd, "bct")
   os.makedirs(d, exist_ok=True)
   assert backbone.run(cfg, d, ctx)
-  assert loader.stage_fingerprint(old_dir) == before  # the old model is never re-saved
+  assert artifacts.stage_fingerprint(old_dir) == before  # the old model is never re-saved
   hist = stage_logs.records(d)
   assert all(np.isfinite(r["influence_loss"]) for r in hist)
 
@@ -359,15 +362,15 @@ def test_bct_influence_through_frozen_old_classifier(seq_run):
   old_kernel = np.asarray(checkpoint.load_model(old_dir)["params"]["classifier"]["kernel"])
   assert w.shape == (8, info.num_classes)
   np.testing.assert_allclose(w[:, :old_kernel.shape[1]], old_kernel)
-  module, old_vars, _ = common.load_backbone(ctx, "v1", "test")
-  emb = common.embed(module, old_vars, source, batch_size=16)
-  labels = common.source_labels(source)
+  module, old_vars, _ = artifacts.load_backbone(ctx, "v1", "test")
+  emb = artifacts.embed(module, old_vars, source, batch_size=16, transform=artifacts.eval_transform(cfg))
+  labels = artifacts.source_labels(source)
   c = info.num_classes - 1
   np.testing.assert_allclose(w[:, c], emb[labels == c].mean(0), rtol=1e-4, atol=1e-5)
 
   # The step's gradient: none flows to the frozen classifier, and the influence term moves φ_new.
-  model = common.build_backbone(cfg, info.num_classes)
-  task = backbone.make_task(cfg, model, info.num_classes, old_classifier=w)
+  model = artifacts.build_backbone(cfg, info.num_classes)
+  task = backbone.make_task(cfg, model, info.num_classes, old_classifier=w, old_loss=old_loss)
   plain = backbone.make_task(cfg, model, info.num_classes)
   batch = {"image": jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32) / 255.0,
            "label": jnp.asarray(labels[:8])}
@@ -384,11 +387,11 @@ def test_bct_influence_through_frozen_old_classifier(seq_run):
 
 def test_bct_width_mismatch_is_one_line(seq_run):
   wd, _ = seq_run
-  cfg = demo.get_config("stage=bct_new,runlocal")
+  cfg = demo.get_config("runlocal").stages.bct_new
   cfg.bct.old, cfg.name = "v1", "bct_wide"
   cfg.model.embedding_dim = 12
   with pytest.raises(FCTError, match="BCT needs equal embedding widths, but the new model is 12-d") as e:
-    backbone.run(cfg, os.path.join(wd, "bct_wide"), common.Context(workdir=wd))
+    backbone.run(cfg, os.path.join(wd, "bct_wide"), artifacts.Context(workdir=wd))
   assert "\n" not in str(e.value)
 
 

@@ -84,9 +84,5 @@ def eval_batches(source, *, global_batch_size: int, transform: Callable, keys=("
   return iter(ds.to_iter_dataset(_read_options(num_threads)))
 
 
-def num_eval_steps(n: int, global_batch_size: int) -> int:
-  return -(-n // global_batch_size)
-
-
 def to_global(local_batch, mesh):
   return sharding.host_to_global(local_batch, mesh)

@@ -7,7 +7,8 @@ A source is anything with ``__len__`` and ``__getitem__(i) -> dict of numpy arra
 Datasets: ``shapes`` (embedded demo), ``digits`` (scikit-learn's bundled digits), and the paper's datasets read
 from TFDS array_record files (:data:`TFDS_DATASETS`: ``imagenet2012``, ``places365``, ``vggface2``,
 ``cifar100``), whose splits are ``old_train`` (the first ``old_classes`` classes), ``new_train`` (all classes),
-``train_<K>`` (the first K classes, for update sequences) and ``eval``.
+``train_<K>`` (the first K classes, for update sequences) and ``eval``. ``get_image_spec(data_config)`` is how
+the dataset's images become network inputs (normalisation and resize method; see :mod:`fct_jax.data.image_spec`).
 
 ml-fct: its old model's classifier is as wide as the *new* class count (e.g. 1000 logits, 500 of them never a
 target); ours has ``SplitInfo.num_classes`` = the classes of the training split (500). Only label smoothing's
@@ -21,7 +22,8 @@ from typing import Callable, Dict, Mapping, Tuple
 
 import numpy as np
 
-from fct_jax.data import shapes, tfds_source
+from fct_jax import config_schema
+from fct_jax.data import image_spec, shapes, tfds_source
 from fct_jax.errors import FCTError
 
 
@@ -86,7 +88,6 @@ class TfdsDataset:
     old_classes: the old model's training classes: labels ``< old_classes`` (the paper's "first K classes").
     image_size: network input side after augmentation.
     keys: fields kept from each record.
-    eval_per_class: > 0: evaluate on a fixed random subsample of that many images per class.
     decode_images: decode in the source (small images); otherwise the transform decodes the encoded bytes.
   """
   tfds_name: str
@@ -96,7 +97,6 @@ class TfdsDataset:
   old_classes: int
   image_size: int
   keys: Tuple[str, ...] = ("image", "label")
-  eval_per_class: int = 0
   decode_images: bool = False
 
 
@@ -109,8 +109,8 @@ TFDS_DATASETS: Dict[str, TfdsDataset] = {
     "places365": TfdsDataset("places365_small", "train", "validation", 365, 182, 224),
     # VGGFace2-863 → VGGFace2-8631 (first 10% of the sorted subject ids); eval: 50 fixed random images of each
     # of the 500 test ("validation" in the paper) subjects, whose labels are 8631..9130 (see vggface2_builder).
-    "vggface2": TfdsDataset("vggface2", "train", "test", 8631, 863, 224, keys=("image", "label", "bbox"),
-                            eval_per_class=50),
+    # (The 50 is the data block's default ``eval_per_class``: fct_jax/config_schema.py.)
+    "vggface2": TfdsDataset("vggface2", "train", "test", 8631, 863, 224, keys=("image", "label", "bbox")),
     # ml-fct's quick start: CIFAR-50 → CIFAR-100; eval: the 10k test images.
     # ml-fct: its ImageFolder sorts class folders as strings ("0", "1", "10", ...), so its "first 50 classes" are
     # {0..5, 10..53}; we take labels 0..49, the paper's meaning.
@@ -134,16 +134,16 @@ def _tfds_source(name: str, cfg, split: str) -> Tuple[tfds_source.TfdsSource, Sp
   ``runlocal``).
   """
   spec = TFDS_DATASETS[name]
-  tfds_name = cfg.get("tfds_name", "") or spec.tfds_name
-  data_dir = cfg.get("data_dir", "") or ""
-  mock = int(cfg.get("mock_num_examples", 0) or 0)
-  image_size = int(cfg.get("image_size", 0) or spec.image_size)
+  tfds_name = cfg.tfds_name or spec.tfds_name
+  data_dir = cfg.data_dir
+  mock = int(cfg.mock_num_examples)
+  image_size = int(cfg.image_size or spec.image_size)
   m = TRAIN_K.match(split)
   if split == "eval":
     tfds_split, k = spec.eval_split, None
   elif split in ("old_train", "new_train") or m:
     tfds_split = spec.train_split
-    k = (int(cfg.get("old_classes", 0) or spec.old_classes) if split == "old_train"
+    k = (int(cfg.old_classes or spec.old_classes) if split == "old_train"
          else int(m.group(1)) if m else spec.num_classes)
     if not 0 < k <= spec.num_classes:
       raise FCTError(f"split {split!r} of {name!r} asks for {k} classes; the dataset has {spec.num_classes}")
@@ -152,18 +152,18 @@ def _tfds_source(name: str, cfg, split: str) -> Tuple[tfds_source.TfdsSource, Sp
 
   with tfds_source.maybe_mock(mock):
     ds = tfds_source.open_split(tfds_name, tfds_split, data_dir)
-  per_class = int(cfg.get("eval_per_class", spec.eval_per_class) or 0) if k is None else 0
+  per_class = int(cfg.eval_per_class) if k is None else 0
   # Mock labels are uniform over the ClassLabel's range, so filter even where real data needs no filtering.
   # Evaluation always needs its labels (query/gallery matches): read them through the cache too.
   needs_labels = k is None or k < spec.num_classes or bool(mock)
   labels = indices = None
   if needs_labels:
     labels = tfds_source.cached_labels(ds, tfds_name=tfds_name, split=tfds_split, data_dir=data_dir,
-                                       cache_dir=cfg.get("label_cache_dir", "") or "", use_cache=not mock)
+                                       cache_dir=cfg.label_cache_dir, use_cache=not mock)
     if k is not None:
       indices = tfds_source.first_classes(labels, k)
     elif per_class > 0:
-      indices = tfds_source.per_class_subsample(labels, per_class, int(cfg.get("eval_subsample_seed", 0)))
+      indices = tfds_source.per_class_subsample(labels, per_class, int(cfg.eval_subsample_seed))
   src = tfds_source.TfdsSource(ds, indices=indices, labels=labels, keys=spec.keys, name=f"{tfds_name}:{split}",
                                  decode_images=spec.decode_images)
   if k is None:
@@ -192,18 +192,18 @@ def _digits_source(cfg, split: str) -> Tuple[ArraySource, SplitInfo]:
     raise FCTError(f"unknown split {split!r} for dataset 'digits'; valid: {', '.join(valid)}")
   d = skd.load_digits()
   images, labels = d.images, d.target.astype(np.int32)
-  perm = np.random.default_rng(int(cfg.get("seed", 0))).permutation(len(labels))
-  n_eval = int(cfg.get("num_eval", 497))
+  perm = np.random.default_rng(int(cfg.seed)).permutation(len(labels))
+  n_eval = int(cfg.num_eval)
   idx = perm[len(perm) - n_eval:] if split == "eval" else perm[:len(perm) - n_eval]
   idx = np.sort(idx)
   if split == "old_train":
-    idx = idx[labels[idx] < int(cfg.get("old_classes", 5))]
-  size = int(cfg.get("image_size", 16))
+    idx = idx[labels[idx] < int(cfg.old_classes)]
+  size = int(cfg.image_size)
   rep = -(-size // 8)
   img = np.round(images[idx] * (255.0 / 16.0)).astype(np.uint8)
   img = np.repeat(np.repeat(img, rep, axis=1), rep, axis=2)[:, :size, :size]
   src = ArraySource({"image": np.repeat(img[..., None], 3, axis=-1), "label": labels[idx]})
-  k = int(cfg.get("old_classes", 5)) if split == "old_train" else 10
+  k = int(cfg.old_classes) if split == "old_train" else 10
   return src, SplitInfo(len(src), k, size)
 
 
@@ -214,12 +214,32 @@ DATASETS: Dict[str, Callable] = {
 }
 
 
+# Each dataset's input convention: the tiny in-memory arrays resize in numpy, the paper's photos with PIL.
+IMAGE_SPECS: Dict[str, image_spec.ImageSpec] = {
+    "shapes": image_spec.SMALL_ARRAYS,
+    "digits": image_spec.SMALL_ARRAYS,
+    **dict.fromkeys(TFDS_DATASETS, image_spec.PHOTOS),
+}
+
+
+def get_image_spec(data_cfg) -> image_spec.ImageSpec:
+  """The :class:`~fct_jax.data.image_spec.ImageSpec` of ``data_cfg.name``: what every transform of its images uses."""
+  name = data_cfg["name"]
+  if name not in IMAGE_SPECS:
+    raise FCTError(f"unknown dataset {name!r}; valid: {', '.join(sorted(IMAGE_SPECS))}")
+  return IMAGE_SPECS[name]
+
+
 def get_source(data_cfg, split: str):
-  """Returns ``(source, SplitInfo)`` for ``data_cfg.name``; unknown names raise listing the valid ones."""
-  name = data_cfg.name
+  """Returns ``(source, SplitInfo)`` for ``data_cfg.name``; unknown names raise listing the valid ones.
+
+  The data block is resolved against its dataset's schema first (``config_schema.resolve_data``: every field
+  present, with the defaults written there), so a hand-made block works like a stage config's.
+  """
+  name = data_cfg["name"]
   if name not in DATASETS:
     raise FCTError(f"unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
-  src, info = DATASETS[name](data_cfg, split)
+  src, info = DATASETS[name](config_schema.resolve_data(data_cfg), split)
   if info.num_examples == 0:
     raise FCTError(f"dataset {name!r} split {split!r} is empty")
   return src, info

@@ -23,6 +23,7 @@ import unittest.mock
 from typing import Optional, Sequence
 
 import numpy as np
+from etils import epath
 
 from fct_jax.errors import FCTError
 
@@ -147,7 +148,6 @@ def cached_labels(ds, *, tfds_name: str, split: str, data_dir: str, cache_dir: s
   """:func:`read_labels`, memoised in ``cache_dir`` (local or gs://) keyed by dataset, version, split, data_dir."""
   if not use_cache:
     return read_labels(ds, key)
-  from etils import epath  # pylint: disable=g-import-not-at-top
   info = ds.dataset_info
   where = os.path.abspath(data_dir) if data_dir and "://" not in data_dir else data_dir
   ident = f"{tfds_name}|{info.version}|{split}|{where}|{len(ds)}"

@@ -19,6 +19,12 @@ and exit with status 2.
 import argparse
 import sys
 
+import numpy as np
+
+from fct_jax.errors import FCTError
+from fct_jax.gallery import build, cost, loader, precision, search, upgrade
+from fct_jax.gallery import store as store_lib
+
 
 def _parser():
   ap = argparse.ArgumentParser(prog="python -m fct_jax.gallery", description=__doc__.splitlines()[0])
@@ -63,68 +69,76 @@ def _parser():
   return ap
 
 
+def _build(args):
+  build.build(args.experiment, store_lib.Store(args.to), old=args.old, side_info=args.side_info, split=args.split,
+              dtype=args.dtype, chunk_size=args.chunk_size, batch_size=args.batch_size)
+
+
+def _upgrade(args):
+  src = store_lib.Store(args.src).open(args.from_version)
+  t = loader.load_transformation(args.transformation)
+  upgrade.upgrade(src, t, store_lib.Store(args.to), dtype=args.dtype, prefetch=args.prefetch)
+
+
+def _search(args):
+  try:
+    q = np.load(args.queries)
+  except (OSError, ValueError) as e:
+    raise FCTError(f"cannot read queries {args.queries}: {type(e).__name__}") from e
+  ids, dist = search.search(store_lib.Store(args.store).open(args.version), q, args.k)
+  if args.out:
+    np.savez(args.out, ids=ids, distances=dist)
+  for r in range(min(5, len(ids))):
+    print(f"query {r}: " + " ".join(f"{a}:{b:.4g}" for a, b in zip(ids[r], dist[r])))
+
+
+def _cost(args):
+  if args.paper:
+    rep = cost.paper_report(args.image_size or 224, dtype=args.dtype)
+  elif args.transformation:
+    rep = cost.cost_report(args.transformation, image_size=args.image_size, image_bytes=args.image_bytes,
+                           dtype=args.dtype)
+  else:
+    raise FCTError("cost needs --transformation EXPERIMENT_DIR/NAME or --paper")
+  print(cost.format_table(rep))
+  if args.out_dir:
+    print("wrote", ", ".join(cost.save(rep, args.out_dir)))
+
+
+def _precision(args):
+  res = precision.accuracy_cost(args.transformation, split=args.split, workdir=args.workdir)
+  print(f"{'dtype':<9} {'top-1':>7} {'top-5':>7} {'mAP':>7} {'Δtop-1':>7} {'ΔmAP':>7}   (new/h, %)")
+  for dt, r in res.items():
+    print(f"{dt:<9} {r['cmc_top1']:7.2f} {r['cmc_top5']:7.2f} {r['mAP']:7.2f} {r['delta_top1']:7.2f} "
+          f"{r['delta_mAP']:7.2f}")
+
+
+def _info(args):
+  st = store_lib.Store(args.store)
+  current = st.current()
+  if current is None:
+    raise FCTError(f"{args.store} is not a gallery store (no CURRENT version)")
+  for v in st.versions():
+    mark = "*" if v.name == current else " "
+    emb = v.model.get("embedding", {})
+    print(f"{mark} {v.name}: {v.count} items, {v.embedding_dim}-d + {v.side_info_dim}-d side-info, {v.dtype}, "
+          f"embedding model {emb.get('stage')!r} {str(emb.get('fingerprint'))[:12]}")
+    if args.verify:
+      v.verify()
+      print("    checksums ok")
+
+
+COMMANDS = {"build": _build, "upgrade": _upgrade, "search": _search, "cost": _cost, "precision": _precision,
+            "info": _info}
+
+
 def run(args):
   """Runs one parsed subcommand (raises FCTError on user errors)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top  (after argparse: --help stays fast)
-  from fct_jax.errors import FCTError  # pylint: disable=g-import-not-at-top
-  from fct_jax.gallery import store as store_lib  # pylint: disable=g-import-not-at-top
-  if args.cmd == "build":
-    from fct_jax.gallery import build  # pylint: disable=g-import-not-at-top
-    build.build(args.experiment, store_lib.Store(args.to), old=args.old, side_info=args.side_info,
-                split=args.split, dtype=args.dtype, chunk_size=args.chunk_size, batch_size=args.batch_size)
-  elif args.cmd == "upgrade":
-    from fct_jax.gallery import loader, upgrade  # pylint: disable=g-import-not-at-top
-    src = store_lib.Store(args.src).open(args.from_version)
-    t = loader.load_transformation(args.transformation)
-    upgrade.upgrade(src, t, store_lib.Store(args.to), dtype=args.dtype, prefetch=args.prefetch)
-  elif args.cmd == "search":
-    from fct_jax.gallery import search  # pylint: disable=g-import-not-at-top
-    try:
-      q = np.load(args.queries)
-    except (OSError, ValueError) as e:
-      raise FCTError(f"cannot read queries {args.queries}: {type(e).__name__}") from e
-    ids, dist = search.search(store_lib.Store(args.store).open(args.version), q, args.k)
-    if args.out:
-      np.savez(args.out, ids=ids, distances=dist)
-    for r in range(min(5, len(ids))):
-      print(f"query {r}: " + " ".join(f"{a}:{b:.4g}" for a, b in zip(ids[r], dist[r])))
-  elif args.cmd == "cost":
-    from fct_jax.gallery import cost  # pylint: disable=g-import-not-at-top
-    if args.paper:
-      rep = cost.paper_report(args.image_size or 224, dtype=args.dtype)
-    elif args.transformation:
-      rep = cost.cost_report(args.transformation, image_size=args.image_size, image_bytes=args.image_bytes,
-                             dtype=args.dtype)
-    else:
-      raise FCTError("cost needs --transformation EXPERIMENT_DIR/NAME or --paper")
-    print(cost.format_table(rep))
-    if args.out_dir:
-      print("wrote", ", ".join(cost.save(rep, args.out_dir)))
-  elif args.cmd == "precision":
-    from fct_jax.gallery import precision  # pylint: disable=g-import-not-at-top
-    res = precision.accuracy_cost(args.transformation, split=args.split, workdir=args.workdir)
-    print(f"{'dtype':<9} {'top-1':>7} {'top-5':>7} {'mAP':>7} {'Δtop-1':>7} {'ΔmAP':>7}   (new/h, %)")
-    for dt, r in res.items():
-      print(f"{dt:<9} {r['cmc_top1']:7.2f} {r['cmc_top5']:7.2f} {r['mAP']:7.2f} {r['delta_top1']:7.2f} "
-            f"{r['delta_mAP']:7.2f}")
-  elif args.cmd == "info":
-    st = store_lib.Store(args.store)
-    current = st.current()
-    if current is None:
-      raise FCTError(f"{args.store} is not a gallery store (no CURRENT version)")
-    for v in st.versions():
-      mark = "*" if v.name == current else " "
-      emb = v.model.get("embedding", {})
-      print(f"{mark} {v.name}: {v.count} items, {v.embedding_dim}-d + {v.side_info_dim}-d side-info, {v.dtype}, "
-            f"embedding model {emb.get('stage')!r} {str(emb.get('fingerprint'))[:12]}")
-      if args.verify:
-        v.verify()
-        print("    checksums ok")
+  COMMANDS[args.cmd](args)
 
 
 def main(argv=None):
   args = _parser().parse_args(argv)
-  from fct_jax.errors import FCTError  # pylint: disable=g-import-not-at-top
   try:
     run(args)
   except FCTError as e:

@@ -11,7 +11,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from fct_jax import sharding, writers
+from fct_jax import artifacts, sharding, writers
+from fct_jax.data import sources
 from fct_jax.gallery import loader
 from fct_jax.gallery import store as store_lib
 
@@ -59,23 +60,19 @@ def build(experiment_dir: str, dest: store_lib.Store, *, old: str = "old", side_
   Returns:
     The committed version (process 0), else None.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top  (stage code: not needed by upgrade)
-  from fct_jax.stages import common  # pylint: disable=g-import-not-at-top
-  from fct_jax.stages import side_info as side_info_lib  # pylint: disable=g-import-not-at-top
-  from fct_jax.data import sources  # pylint: disable=g-import-not-at-top
-  ctx = common.Context(workdir=os.path.abspath(experiment_dir))
-  module, variables, old_cfg = common.load_backbone(ctx, old, "gallery build")
+  ctx = artifacts.Context(workdir=os.path.abspath(experiment_dir))
+  module, variables, old_cfg = artifacts.load_backbone(ctx, old, "gallery build")
   kind, side_stage, side_dim = parse_side_info(side_info)
   if kind == "none":
-    psi = side_info_lib.zeros(side_dim)
-    side_model = loader.side_info_model(ctx.workdir, "none", "", side_dim, "gallery build")
+    psi = artifacts.zero_side_info(side_dim)
+    side_model = loader.side_info_model(ctx, "none", "", side_dim, "gallery build")
   else:
-    psi = side_info_lib.load(ctx, side_stage, "gallery build")
-    side_model = loader.side_info_model(ctx.workdir, psi.method, side_stage, psi.dim, "gallery build")
-  emb_model = loader.embedding_model(ctx.workdir, old, "gallery build")
-  source, _ = sources.get_source(ml_collections.ConfigDict(old_cfg.data.to_dict()), split)
+    psi = artifacts.load_side_info(ctx, side_stage, "gallery build")
+    side_model = loader.side_info_model(ctx, psi.method, side_stage, psi.dim, "gallery build")
+  emb_model = loader.embedding_model(ctx, old, "gallery build")
+  source, _ = sources.get_source(old_cfg.data, split)
   mesh = mesh or sharding.make_mesh()
-  batch_size = batch_size or common.eval_batch_size(old_cfg, mesh)
+  batch_size = batch_size or artifacts.eval_batch_size(old_cfg, mesh)
   n = len(source)
   job = {"op": "build", "old": emb_model, "side_info": side_model, "data": old_cfg.data.to_dict(), "split": split,
          "dtype": dtype, "chunk_size": chunk_size}
@@ -94,14 +91,14 @@ def build(experiment_dir: str, dest: store_lib.Store, *, old: str = "old", side_
     todo = todo[:stop_after_chunks]
   done = n - sum(writer.chunk_rows(i)[1] - writer.chunk_rows(i)[0] for i in todo)
   bar = writers.Progress(n, start=done, unit="items", prefix="[build] ") if progress else None
-  transform = common.eval_transform(old_cfg)
+  transform = artifacts.eval_transform(old_cfg)
   for i in todo:
     start, stop = writer.chunk_rows(i)
     part = _Slice(source, start, stop)
     # Every process takes part in every chunk's sharded pass (the mesh spans all hosts); one writes it.
-    emb = common.embed(module, variables, part, batch_size=batch_size, mesh=mesh, transform=transform)
-    side = psi.embed(part, batch_size=batch_size, mesh=mesh)
-    common.check_finite_embeddings(emb, f"gallery chunk {i} embeddings")
+    emb = artifacts.embed(module, variables, part, batch_size=batch_size, mesh=mesh, transform=transform)
+    side = psi.embed(part, batch_size=batch_size, mesh=mesh, transform=transform)
+    artifacts.check_finite_embeddings(emb, f"gallery chunk {i} embeddings")
     if i % n_proc == p:
       writer.write_chunk(i, np.arange(start, stop, dtype=np.int64), emb, side)
     done += stop - start

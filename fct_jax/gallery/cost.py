@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fct_jax import checkpoint
+from fct_jax import artifacts, checkpoint, config_schema, models
+from fct_jax.data import sources
 from fct_jax.errors import FCTError
 from fct_jax.gallery import loader
 from fct_jax.gallery import store as store_lib
+from fct_jax.gallery.upgrade import Transform
 
 
 def xla_flops(fn, *args) -> float:
@@ -49,15 +51,13 @@ def _abstract(tree):
 
 def backbone_macs(stage_dir: str, image_size: int) -> float:
   """MACs of one image through a backbone stage's embedding at ``image_size`` (its saved variables' shapes)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from fct_jax.stages import common  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(stage_dir, "config.json")))
+  cfg = config_schema.resolve(checkpoint.read_json(os.path.join(stage_dir, "config.json")))
   variables = checkpoint.load_model(stage_dir)
   # The classifier width from the saved variables: no data set needs to be present to build the module.
   kernels = [np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(variables)
              if "classifier" in jax.tree_util.keystr(p).lower() and np.ndim(x) == 2]
   num_classes = kernels[0][1] if kernels else 0
-  module = common.build_backbone(cfg, num_classes)
+  module = artifacts.build_backbone(cfg, num_classes)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return xla_flops(lambda v, im: module.apply(v, im, train=False)["embedding"], _abstract(variables), x) / 2
 
@@ -74,8 +74,6 @@ def paper_report(image_size: int = 224, dtype: str = "float32") -> dict:
 
   Shapes only (``jax.eval_shape`` of the initialisers): cost analysis needs no weights.
   """
-  from fct_jax import models  # pylint: disable=g-import-not-at-top
-  from fct_jax.gallery.upgrade import Transform  # pylint: disable=g-import-not-at-top
   net = models.get_model("resnet50", num_classes=1000, embedding_dim=128, last_nonlin=True)
   key = jax.random.key(0, impl="rbg")
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -95,14 +93,12 @@ def paper_report(image_size: int = 224, dtype: str = "float32") -> dict:
           "source": "XLA cost analysis (compiled), MACs = flops / 2"}
 
 
-def _image_size(new_cfg: dict, stage_dir: str) -> int:
-  data = new_cfg.get("data", {})
-  if data.get("image_size"):
-    return int(data["image_size"])
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from fct_jax.data import sources  # pylint: disable=g-import-not-at-top
+def _image_size(new_cfg, stage_dir: str) -> int:
+  """The new model's input size: its data block's ``image_size`` when it has one, else its dataset's."""
+  if "image_size" in new_cfg.data and new_cfg.data.image_size:
+    return int(new_cfg.data.image_size)
   try:
-    return int(sources.get_source(ml_collections.ConfigDict(data), new_cfg["split"])[1].image_size)
+    return int(sources.get_source(new_cfg.data, new_cfg.split)[1].image_size)
   except Exception as e:  # data not prepared here
     raise FCTError(f"cannot tell the image size of {stage_dir}'s data ({type(e).__name__}); pass --image-size"
                    ) from e
@@ -127,7 +123,7 @@ def cost_report(transformation_dir: str, *, image_size: Optional[int] = None, im
   exp, _ = loader.split_stage_dir(transformation_dir)
   new_stage = t.produces["embedding"]["stage"]
   new_dir = os.path.join(exp, new_stage)
-  new_cfg = checkpoint.read_json(os.path.join(new_dir, "config.json"))
+  new_cfg = artifacts.stage_config(artifacts.Context(workdir=exp), new_stage, "gallery cost")
   size = image_size or _image_size(new_cfg, new_dir)
   rows = [
       {"method": "backfilling", "macs": backbone_macs(new_dir, size), "storage_bytes": size * size * 3 * image_bytes},
@@ -135,7 +131,7 @@ def cost_report(transformation_dir: str, *, image_size: Optional[int] = None, im
       {"method": "FCT", "macs": transformation_macs(t),
        "storage_bytes": t.side_dim * store_lib.DTYPES[dtype].itemsize},
   ]
-  return {"rows": rows, "image_size": size, "new_model": new_cfg["model"]["name"], "transformation": t.name,
+  return {"rows": rows, "image_size": size, "new_model": new_cfg.model.name, "transformation": t.name,
           "dims": {"old": t.old_dim, "side": t.side_dim, "new": t.new_dim}, "side_info_dtype": dtype,
           "source": "XLA cost analysis (compiled), MACs = flops / 2"}
 

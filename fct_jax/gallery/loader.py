@@ -1,74 +1,39 @@
-"""Model versions and the transformation loader, on top of the stages' public functions.
+"""The model versions of stored vectors, and a finished transformation stage as a gallery :class:`Transform`.
 
-A *model version* is a fingerprint of a finished stage directory: SHA-256 over its ``config.json`` and every file
-of its saved ``model/``. Stores record the fingerprints of the models that produced their vectors, and an
-upgrade refuses a store whose fingerprints differ from those the transformation was trained against — retraining
-a stage under the same name changes its fingerprint, so a stale gallery is caught.
+A *model version* is :func:`fct_jax.artifacts.stage_fingerprint` of a finished stage directory. Stores record the
+versions of the models that produced their vectors, and an upgrade refuses a store whose versions differ from
+those the transformation was trained against — retraining a stage under the same name changes its fingerprint,
+so a stale gallery is caught. Stages are read through :mod:`fct_jax.artifacts` (h's shapes are checked there).
 """
 
-import hashlib
 import os
 
 import jax
-from etils import epath
 
-from fct_jax import checkpoint
+from fct_jax import artifacts
 from fct_jax.errors import FCTError
 from fct_jax.gallery.upgrade import Transform
 
 
-def _files(d):
-  """Every file under ``d`` (epath forbids ``rglob`` on buckets, so walk level by level)."""
-  if not d.exists():
-    return []
-  out = []
-  for p in d.iterdir():
-    out.extend(_files(p) if p.is_dir() else [p])
-  return out
-
-
-def stage_fingerprint(stage_dir: str) -> str:
-  """SHA-256 of a finished stage's ``config.json`` and ``model/`` files (paths and contents, sorted)."""
-  root = epath.Path(stage_dir)
-  if not (root / "config.json").exists():
-    raise FCTError(f"{stage_dir} is not a stage directory (no config.json)")
-  h = hashlib.sha256()
-  files = [root / "config.json"] + sorted(_files(root / "model"), key=str)
-  for p in files:
-    h.update(str(p.relative_to(root)).encode() + b"\0")
-    h.update(p.read_bytes())
-    h.update(b"\0")
-  return h.hexdigest()
-
-
-def _stage_dir(experiment_dir: str, stage: str, needed_by: str) -> str:
-  from fct_jax.stages import common  # pylint: disable=g-import-not-at-top  (ml_collections; CLI only)
-  return common.upstream_dir(common.Context(workdir=experiment_dir), stage, needed_by)
-
-
-def _stage_config(experiment_dir: str, stage: str, needed_by: str) -> dict:
-  return checkpoint.read_json(os.path.join(_stage_dir(experiment_dir, stage, needed_by), "config.json"))
-
-
-def embedding_model(experiment_dir: str, stage: str, needed_by: str) -> dict:
+def embedding_model(ctx: artifacts.Context, stage: str, needed_by: str) -> dict:
   """The ``model.embedding`` record of vectors from backbone stage ``stage``."""
-  d = _stage_dir(experiment_dir, stage, needed_by)
-  cfg = checkpoint.read_json(os.path.join(d, "config.json"))
-  if cfg.get("kind") != "backbone":
-    raise FCTError(f"{needed_by}: stage {stage!r} is a {cfg.get('kind')!r} stage, not a backbone")
-  return {"stage": stage, "fingerprint": stage_fingerprint(d), "dim": int(cfg["model"]["embedding_dim"])}
+  cfg = artifacts.stage_config(ctx, stage, needed_by)
+  if cfg.kind != "backbone":
+    raise FCTError(f"{needed_by}: stage {stage!r} is a {cfg.kind!r} stage, not a backbone")
+  return {"stage": stage, "fingerprint": artifacts.stage_fingerprint(os.path.join(ctx.workdir, stage)),
+          "dim": artifacts.upstream_width(ctx, stage, needed_by, cfg)}
 
 
-def side_info_model(experiment_dir: str, kind: str, stage: str, dim: int, needed_by: str) -> dict:
+def side_info_model(ctx: artifacts.Context, kind: str, stage: str, dim: int, needed_by: str) -> dict:
   """The ``model.side_info`` record: a trained side_info stage, or ``none`` (zeros of width ``dim``)."""
   if kind == "none":
     return {"kind": "none", "stage": "", "fingerprint": f"none:{int(dim)}", "dim": int(dim)}
-  d = _stage_dir(experiment_dir, stage, needed_by)
-  cfg = checkpoint.read_json(os.path.join(d, "config.json"))
-  if cfg.get("kind") != "side_info":
-    raise FCTError(f"{needed_by}: stage {stage!r} is a {cfg.get('kind')!r} stage, not side_info")
-  return {"kind": cfg["method"], "stage": stage, "fingerprint": stage_fingerprint(d),
-          "dim": int(cfg["model"]["embedding_dim"])}
+  cfg = artifacts.stage_config(ctx, stage, needed_by)
+  if cfg.kind != "side_info":
+    raise FCTError(f"{needed_by}: stage {stage!r} is a {cfg.kind!r} stage, not side_info")
+  return {"kind": cfg.method, "stage": stage,
+          "fingerprint": artifacts.stage_fingerprint(os.path.join(ctx.workdir, stage)),
+          "dim": artifacts.upstream_width(ctx, stage, needed_by, cfg)}
 
 
 def split_stage_dir(stage_dir: str):
@@ -78,32 +43,29 @@ def split_stage_dir(stage_dir: str):
 
 
 def load_transformation(stage_dir: str, *, needed_by: str = "gallery upgrade") -> Transform:
-  """A finished transformation stage directory as a :class:`Transform` (h in eval mode, no g).
+  """A finished transformation stage directory as a :class:`Transform` that upgrades stored φ_old, ψ to φ_new.
 
-  The h module is rebuilt with :func:`fct_jax.stages.transformation.build_h` from the stage's saved config; the
-  frozen image models are not loaded (only their configs and fingerprints are read).
+  Only an h (its target a backbone) upgrades a gallery; ψ is carried over unchanged. A g (target: the next ψ,
+  for update sequences) is refused with a one-line error. The frozen image models are not loaded.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from fct_jax.stages import common, transformation  # pylint: disable=g-import-not-at-top
   exp, name = split_stage_dir(stage_dir)
-  ctx = common.Context(workdir=exp)
-  cfg, variables = common.load_stage(ctx, name, needed_by)
-  if cfg.get("kind") != "transformation":
-    raise FCTError(f"{stage_dir} is a {cfg.get('kind')!r} stage, not a transformation stage")
-  old = embedding_model(exp, cfg.old, name)
-  new = embedding_model(exp, cfg.new, name)
-  si = cfg.get("side_info", ml_collections.ConfigDict({"kind": "none", "dim": 0, "stage": ""}))
-  side = side_info_model(exp, si.kind, si.get("stage", ""), int(si.dim), name)
-  if side["dim"] != int(si.dim):
-    raise FCTError(f"transformation {name!r}: side_info.dim={int(si.dim)} but stage {si.stage!r} gives "
+  ctx = artifacts.Context(workdir=exp)
+  t = artifacts.load_transformation(ctx, name, needed_by)
+  if t.target_kind != "backbone":
+    raise FCTError(f"{stage_dir} is a g (its target {t.cfg.new!r} is side-information); a gallery upgrade "
+                   "applies an h, whose target is a backbone")
+  si = t.cfg.side_info
+  side = side_info_model(ctx, si.kind, si.stage, t.dims["side"], name)
+  if side["dim"] != t.dims["side"]:
+    raise FCTError(f"transformation {name!r}: side_info.dim={t.dims['side']} but stage {si.stage!r} gives "
                    f"{side['dim']}-d ψ")
-  h = transformation.build_h(cfg, old["dim"], new["dim"])
-  side_dim = int(si.dim)
+  h, side_dim = t.module, t.dims["side"]
 
   def apply(v, old_emb, side_emb):
-    out = h.apply(v, old_emb, side_emb if side_dim else None, train=False)["embedding"]
-    return out, None  # ψ carried over unchanged: the stages train no g yet
+    return h.apply(v, old_emb, side_emb if side_dim else None, train=False)["embedding"], None
 
-  return Transform(name=name, apply=apply, variables=jax.tree.map(lambda x: x, variables), old_dim=old["dim"],
-                   side_dim=side_dim, new_dim=new["dim"], fingerprint=stage_fingerprint(os.path.join(exp, name)),
+  old, new = embedding_model(ctx, t.cfg.old, name), embedding_model(ctx, t.cfg.new, name)
+  return Transform(name=name, apply=apply, variables=jax.tree.map(lambda x: x, t.variables), old_dim=t.dims["old"],
+                   side_dim=side_dim, new_dim=t.dims["new"],
+                   fingerprint=artifacts.stage_fingerprint(os.path.join(exp, name)),
                    expects={"embedding": old, "side_info": side}, produces={"embedding": new, "side_info": side})

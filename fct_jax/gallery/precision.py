@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from fct_jax import checkpoint, retrieval
+from fct_jax import artifacts, retrieval
+from fct_jax.data import sources
 from fct_jax.gallery import build as build_lib
 from fct_jax.gallery import loader, upgrade
 from fct_jax.gallery import store as store_lib
@@ -30,21 +31,18 @@ def accuracy_cost(transformation_dir: str, *, split: str = "eval", side_info: st
     workdir: where the temporary stores go (default: a temp dir).
     chunk_size: store chunk size.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from fct_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from fct_jax.stages import common  # pylint: disable=g-import-not-at-top
   t = loader.load_transformation(transformation_dir, needed_by="gallery precision")
   exp, _ = loader.split_stage_dir(transformation_dir)
   old_stage, new_stage = t.expects["embedding"]["stage"], t.produces["embedding"]["stage"]
   si = t.expects["side_info"]
   side_info = side_info or (si["stage"] if si["kind"] != "none" else f"none:{si['dim']}")
-  ctx = common.Context(workdir=exp)
-  module, variables, new_cfg = common.load_backbone(ctx, new_stage, "gallery precision")
-  old_cfg = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(exp, old_stage, "config.json")))
+  ctx = artifacts.Context(workdir=exp)
+  module, variables, new_cfg = artifacts.load_backbone(ctx, new_stage, "gallery precision")
+  old_cfg = artifacts.stage_config(ctx, old_stage, "gallery precision")
   source, _ = sources.get_source(old_cfg.data, split)
-  labels = common.source_labels(source)
-  queries = common.embed(module, variables, source, batch_size=common.eval_batch_size(new_cfg, None),
-                         transform=common.eval_transform(new_cfg))
+  labels = artifacts.source_labels(source)
+  queries = artifacts.embed(module, variables, source, batch_size=artifacts.eval_batch_size(new_cfg, None),
+                            transform=artifacts.eval_transform(new_cfg))
   workdir = workdir or tempfile.mkdtemp(prefix="fct_gallery_precision_")
   out = {}
   for dt in dtypes:

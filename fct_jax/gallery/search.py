@@ -5,9 +5,13 @@ from typing import Optional, Tuple
 import numpy as np
 from jax.sharding import Mesh
 
+from fct_jax import writers
 from fct_jax.errors import FCTError
 from fct_jax.gallery import store as store_lib
 from fct_jax.retrieval import topk as topk_lib
+
+# Queries done per store step, on long steps (the kernel decides what is long).
+_PROGRESS = writers.progress_factory("queries", "[search] ")
 
 
 def search(version: store_lib.Version, queries: np.ndarray, k: int, *, mesh: Optional[Mesh] = None,
@@ -40,7 +44,7 @@ def search(version: store_lib.Version, queries: np.ndarray, k: int, *, mesh: Opt
     parts = [version.read_chunk(i) for i in range(c0, min(c0 + chunks_per_step, version.num_chunks))]
     emb = np.concatenate([p["embeddings"] for p in parts])
     ids = np.concatenate([p["ids"] for p in parts])
-    idx, dist = topk_lib.topk(q, emb, min(k, emb.shape[0]), mesh=mesh)
+    idx, dist = topk_lib.topk(q, emb, min(k, emb.shape[0]), mesh=mesh, progress=_PROGRESS)
     # Running results first: among equal distances the earlier (lower) store position stays ahead.
     all_d = np.concatenate([best_d, dist], axis=1)
     all_id = np.concatenate([best_id, ids[idx]], axis=1)

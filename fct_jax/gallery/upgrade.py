@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fct_jax import writers
+from fct_jax import sharding, writers
 from fct_jax.errors import FCTError
 from fct_jax.gallery import store as store_lib
 
@@ -80,14 +80,9 @@ def check_compatible(version: store_lib.Version, t: Transform):
                    f"({str(want.get('fingerprint'))[:12]})")
 
 
-def local_mesh() -> Mesh:
-  """A 1-D ``data`` mesh over this process's devices (the upgrade is per-item: no cross-host collectives)."""
-  return Mesh(np.asarray(jax.local_devices()), ("data",))
-
-
 @functools.lru_cache(maxsize=16)
 def _step(apply: Callable, mesh: Mesh, out_dtype) -> Callable:
-  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(sharding.DATA_AXIS))
 
   def step(variables, old, side):
     new, side_next = apply(variables, old.astype(jnp.float32), side.astype(jnp.float32))
@@ -123,7 +118,7 @@ def upgrade(source: store_lib.Version, t: Transform, dest: store_lib.Store, *, d
     t: the transformation (see :func:`fct_jax.gallery.loader.load_transformation`).
     dest: the store to write to (may be the source's own store: the new version lands beside the old one).
     dtype: storage dtype of the new version (default: the source's).
-    mesh: a ``data`` mesh of local devices (default: all of them).
+    mesh: a ``data`` mesh of local devices (default: all of them; h is per-item, so no cross-host collective).
     prefetch: chunks read ahead.
     write_depth: chunks in flight between dispatch and the end of their write.
     progress: print items/s and ETA.
@@ -136,79 +131,26 @@ def upgrade(source: store_lib.Version, t: Transform, dest: store_lib.Store, *, d
   dtype = dtype or source.dtype
   if dtype not in store_lib.DTYPES:
     raise FCTError(f"unknown storage dtype {dtype!r}; valid: {', '.join(store_lib.DTYPES)}")
-  chunk = source.chunk_size
-  job = job_of(source, t, dtype, chunk)
+  job = job_of(source, t, dtype, source.chunk_size)
   finished = dest.find_job(job)
   if finished is not None:
     if progress:
       print(f"[upgrade] already done: version {finished.name!r} of {dest.root}", flush=True)
     return finished
   side_out_dim = t.side_dim if t.side_out_dim is None else t.side_out_dim
-  name = f"{t.name}-{store_lib.fingerprint(job)[:12]}"
-  writer = dest.begin(name, job, count=source.count, chunk_size=chunk, embedding_dim=t.new_dim,
-                      side_info_dim=side_out_dim, dtype=dtype)
-  mesh = mesh or local_mesh()
-  n_dev = mesh.size
-  pad_to = -(-chunk // n_dev) * n_dev  # every chunk padded to one shape: one compilation, bitwise-stable output
-  step = make_step(t, mesh, store_lib.DTYPES[dtype])
-  variables = jax.device_put(t.variables, NamedSharding(mesh, P()))
-  data_sh = NamedSharding(mesh, P("data"))
-
+  writer = dest.begin(f"{t.name}-{store_lib.fingerprint(job)[:12]}", job, count=source.count,
+                      chunk_size=source.chunk_size, embedding_dim=t.new_dim, side_info_dim=side_out_dim, dtype=dtype)
   p, n_proc = jax.process_index(), jax.process_count()
   todo = [i for i in range(source.num_chunks) if i % n_proc == p and i not in writer.done]
   if stop_after_chunks is not None:
     todo = todo[:stop_after_chunks]
-  items_todo = sum(source.chunk_rows(i)[1] - source.chunk_rows(i)[0] for i in todo)
-  done_items = source.count - items_todo if n_proc == 1 else 0
-  bar = writers.Progress(source.count if n_proc == 1 else items_todo, start=done_items, unit="items",
-                         prefix="[upgrade] ") if progress else None
-  if progress and writer.done:
-    print(f"[upgrade] resuming {writer.path}: {len(writer.done)}/{writer.num_chunks} chunks already done",
-          flush=True)
-
-  def pad(x):
-    if x.shape[0] == pad_to:
-      return x
-    out = np.zeros((pad_to,) + x.shape[1:], x.dtype)
-    out[:x.shape[0]] = x
-    return out
-
-  def finish(i, c, outs):
-    n = c["ids"].shape[0]
-    new = np.asarray(outs[0])[:n]  # waits for this chunk's computation only
-    # Without g, ψ is carried over as stored (cast on the host if the dtype changes); with g it is g's output.
-    side = c["side_info"] if outs[1] is None else np.asarray(outs[1])[:n]
-    writer.write_chunk(i, c["ids"], new, side)
-    return n
-
-  # Reads: up to `prefetch` ahead. Writes: up to `write_depth` chunks between dispatch and landing on disk.
-  with cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="gallery-read") as rpool, \
-      cf.ThreadPoolExecutor(max(1, write_depth), thread_name_prefix="gallery-write") as wpool:
-    reads = collections.deque(rpool.submit(source.read_chunk, i) for i in todo[:prefetch])
-    writes = collections.deque()
-    done = done_items
-    for k, i in enumerate(todo):
-      c = reads.popleft().result()
-      if k + prefetch < len(todo):
-        reads.append(rpool.submit(source.read_chunk, todo[k + prefetch]))
-      old = jax.device_put(pad(c["embeddings"]), data_sh)
-      side = jax.device_put(pad(c["side_info"]), data_sh)
-      outs = step(variables, old, side)  # async: returns before the devices finish
-      writes.append(wpool.submit(finish, i, c, outs))
-      while len(writes) > write_depth or (writes and writes[0].done()):
-        done += writes.popleft().result()
-        if bar:
-          bar.update(done)
-    while writes:
-      done += writes.popleft().result()
-      if bar:
-        bar.update(done)
+  mesh = mesh or sharding.make_mesh(jax.local_devices())
+  step = make_step(t, mesh, store_lib.DTYPES[dtype])
+  _run_chunks(source, writer, todo, step, jax.device_put(t.variables, NamedSharding(mesh, P())), mesh,
+              prefetch=prefetch, write_depth=write_depth, progress=progress)
   if stop_after_chunks is not None:
     return None
-  # Multi-host: every process's chunks must have landed before process 0 commits.
-  if n_proc > 1:
-    from fct_jax import sharding  # pylint: disable=g-import-not-at-top
-    sharding.barrier("gallery_upgrade_written")
+  sharding.barrier("gallery_upgrade_written")  # every process's chunks land before process 0 commits
   if p != 0:
     return None
   lineage = list(source.manifest.get("lineage", [])) + [
@@ -219,3 +161,56 @@ def upgrade(source: store_lib.Version, t: Transform, dest: store_lib.Store, *, d
     print(f"[upgrade] committed version {version.name!r} ({version.count} items, {dtype}) in {dest.root}",
           flush=True)
   return version
+
+
+def _pad(x: np.ndarray, rows: int) -> np.ndarray:
+  """``x`` zero-padded to ``rows`` rows (every chunk one shape: one compilation, bitwise-stable output)."""
+  if x.shape[0] == rows:
+    return x
+  out = np.zeros((rows,) + x.shape[1:], x.dtype)
+  out[:x.shape[0]] = x
+  return out
+
+
+def _run_chunks(source, writer, todo, step, variables, mesh, *, prefetch: int, write_depth: int, progress: bool):
+  """Reads, transforms and writes the chunks ``todo``: reads up to ``prefetch`` ahead, up to ``write_depth`` chunks
+  between dispatch and landing on disk (see the module docstring)."""
+  n_proc = jax.process_count()
+  pad_to = -(-source.chunk_size // mesh.size) * mesh.size
+  data_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
+  items_todo = sum(source.chunk_rows(i)[1] - source.chunk_rows(i)[0] for i in todo)
+  done = source.count - items_todo if n_proc == 1 else 0
+  bar = writers.Progress(source.count if n_proc == 1 else items_todo, start=done, unit="items",
+                         prefix="[upgrade] ") if progress else None
+  if progress and writer.done:
+    print(f"[upgrade] resuming {writer.path}: {len(writer.done)}/{writer.num_chunks} chunks already done",
+          flush=True)
+
+  def finish(i, c, outs):
+    n = c["ids"].shape[0]
+    new = np.asarray(outs[0])[:n]  # waits for this chunk's computation only
+    # Without g, ψ is carried over as stored (cast on the host if the dtype changes); with g it is g's output.
+    side = c["side_info"] if outs[1] is None else np.asarray(outs[1])[:n]
+    writer.write_chunk(i, c["ids"], new, side)
+    return n
+
+  with cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="gallery-read") as rpool, \
+      cf.ThreadPoolExecutor(max(1, write_depth), thread_name_prefix="gallery-write") as wpool:
+    reads = collections.deque(rpool.submit(source.read_chunk, i) for i in todo[:prefetch])
+    writes = collections.deque()
+    for k, i in enumerate(todo):
+      c = reads.popleft().result()
+      if k + prefetch < len(todo):
+        reads.append(rpool.submit(source.read_chunk, todo[k + prefetch]))
+      old = jax.device_put(_pad(c["embeddings"], pad_to), data_sh)
+      side = jax.device_put(_pad(c["side_info"], pad_to), data_sh)
+      outs = step(variables, old, side)  # async: returns before the devices finish
+      writes.append(wpool.submit(finish, i, c, outs))
+      while len(writes) > write_depth or (writes and writes[0].done()):
+        done += writes.popleft().result()
+        if bar:
+          bar.update(done)
+    while writes:
+      done += writes.popleft().result()
+      if bar:
+        bar.update(done)

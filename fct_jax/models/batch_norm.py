@@ -10,10 +10,8 @@ rounded once, so the backward pass is one two-output reduction and one elementwi
 have made of the forward formula. (Flax's autodiff gradient rounds the mean and variance paths to the input dtype
 separately; in bfloat16 the closed form is closer to a float32 reference: 0.22 % vs 0.28 % relative error in a
 test.) Measured: a ResNet-50 train step (batch 256, bf16) on an H100 went from 5,683 to 5,816 images/s
-(`benchmarks/train_step_bench.py --batch_norm flax|fct`, one device call). Tried there and not kept: channel sums
-over rows of ~1,024 values (W/k pixels × k·C channels) instead of C-wide columns (5,731–5,736 images/s), and the
-stem max-pool's gradient as nine masked strided copies instead of XLA's select-and-scatter (one 2.7 ms fusion in
-place of a 1.5 ms scatter).
+(`benchmarks/train_step_bench.py --batch_norm flax|fct`, one device call). What was tried and not kept:
+docs/performance.md.
 
 The default BatchNorm of the ResNets, MobileNetV2 and the autoencoder (their ``batch_norm="flax"`` selects Flax's).
 The batch statistics passed to the running averages carry no gradient (as in Flax, where nothing differentiates

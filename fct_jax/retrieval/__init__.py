@@ -1,5 +1,6 @@
-"""Exact, fast retrieval evaluation: blocked L2 kernel (`kernel`), CMC/mAP (`metrics`), the paper's case table
-(`cases`), linear CKA (`cka`) and partial-backfilling curves (`backfill`).
+"""Exact, fast retrieval evaluation: blocked L2 kernel (`kernel`, its counters in `counting`), CMC/mAP (`metrics`),
+the paper's case table (`cases`), linear CKA (`cka`), partial-backfilling curves (`backfill`), nearest neighbours
+(`topk`), and what an evaluation stage returns beside its case table (`summary`).
 
 ``evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery=False, ks=(1, 5), mesh=None)``
 returns ``{"cmc_top1", "cmc_top5", "mAP", "num_queries", "num_skipped"}`` (metrics in percent).

@@ -8,7 +8,6 @@ names present in ``embeddings``.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Mapping, Sequence
 
@@ -82,12 +81,12 @@ def format_markdown_table(results: Mapping[str, Mapping[str, float]], title: str
   return "\n".join(lines)
 
 
-def to_jsonable(results: Mapping[str, Mapping[str, float]]) -> dict:
-  """Plain dict with NaN replaced by None (strict JSON has no NaN)."""
-  def clean(v):
-    return None if isinstance(v, float) and math.isnan(v) else v
-  return {name: {k: clean(v) for k, v in r.items()} for name, r in results.items()}
-
-
-def to_json(results: Mapping[str, Mapping[str, float]], **json_kwargs) -> str:
-  return json.dumps(to_jsonable(results), **json_kwargs)
+def to_jsonable(x):
+  """A copy of results (nested dicts, lists, tuples) ready for strict JSON: NaN → None (JSON has no NaN), numpy
+  scalars → Python numbers, tuples → lists, keys → str; dict order is kept (it is the tables' row order)."""
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  x = x.item() if hasattr(x, "item") else x
+  return None if isinstance(x, float) and math.isnan(x) else x

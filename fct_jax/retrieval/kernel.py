@@ -30,29 +30,7 @@ Tie rule (deterministic, documented; ties are between *computed* float32 scores)
   gallery index among the positives scoring t*.
   # ml-fct: np.argsort (quicksort, unstable) leaves the order of tied items unspecified; ours is fixed.
 
-Counting methods (identical integer results, tested against each other):
-
-* ``"reduce_pairs"`` (the default, ``"auto"``): one variadic row reduction whose operands are the P+1 0/1
-  indicators ``[s ≤ t_j]`` (and the CMC "ranks before the best positive" test), packed two per uint32 (16-bit
-  fields; a chunk holds at most 65,528 items so no field overflows). Each score is read once and every compare
-  stays in registers. Measured (N=50k, d=128, P=50, query = gallery, `benchmarks/retrieval_variants.py`): on an
-  H100, 0.051 s for the kernel against 0.175 s for ``"reduce"`` and 0.253 s for ``"histogram"`` (the matmul alone:
-  0.028 s); on a 2-core CPU at N=5k–20k, about 30 % less time than ``"histogram"``.
-* ``"reduce"``: the same reduction with one int32 output per indicator. XLA:GPU does not keep its P+1 outputs in
-  one fusion: it writes the P+1 indicators to memory as (B, C) pred arrays first (51 × 51 MB per block of 1,024
-  queries at N=50k), which made it 3.4× slower than the packed pairs on the H100.
-* ``"histogram"``: each score gets a bucket = the number of thresholds below it (P+1 elementwise compares), then one
-  scatter-add histogram per row; ``rank_le(j)`` is the cumulative histogram at ``#{k : t_k < t_j}``. It is used
-  for classes larger than 128 (where the unrolled reductions would compile slowly). Scatter-adds are a scalar loop
-  on XLA:CPU and serialise on a few hot bins on GPUs.
-  Tried and not faster on CPU: counting scores in pairs into a joint (P+3)² histogram, sub-histograms, dispatching
-  query halves concurrently, fused compare-and-reduce per threshold (XLA:CPU emits scalar reductions unless the
-  reduced array is materialised), four indicators per uint32 (8-bit fields, two-level sum: 0.35 vs 0.29 s at
-  N=10k), row reductions over explicit 8–32-wide lane axes (3–4× slower), and for query = gallery a triangular
-  pass over block pairs that computes each B×B product once and counts it for both blocks (half the matmul, but
-  2× slower end to end: per-pair scan steps and the transposed side); on GPU a single-output reduction over the
-  (B, P+1, C) broadcast compare (2.5 s). At N=10k, d=128, P=49 on 2 CPU cores the matmul alone is most of the
-  kernel (`retrieval_variants.py --n 10000`, two runs: kernel 0.39–0.45 s, matmul floor 0.21–0.24 s at B=256).
+Counting methods: `counting` (identical integer results; ``"reduce_pairs"`` by default).
 
 Sharding: the gallery is sharded over the mesh's ``data`` axis (so a gallery larger than one device works), queries
 are replicated, and thresholds (``pmin``) and counts (``psum``) are combined across devices. All combined quantities
@@ -67,7 +45,7 @@ shapes it reproduces the scores bitwise.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,17 +54,20 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fct_jax import writers
+from fct_jax import sharding
+from fct_jax.retrieval import counting
 
-COUNT_METHODS = ("auto", "histogram", "reduce", "reduce_pairs")
-# Above this many thresholds the bucket loop is rolled (lax.fori_loop) to bound compile time.
-_UNROLL_MAX = 128
-# "reduce_pairs" counts in 16-bit fields: at most this many gallery items per chunk (a multiple of 8).
-_PAIR_MAX_CHUNK = 65528
-# progress=None reports progress from this many query × gallery scores on (about 10 s of work on a 2-core CPU at
-# d=128; on accelerators about as long at their speed), in about PROGRESS_CALLS calls.
+COUNT_METHODS = ("auto",) + tuple(counting.COUNTERS)
+# With a progress factory, progress is reported from this many query × gallery scores on (about 10 s of work on a
+# 2-core CPU at d=128; on accelerators about as long at their speed), in about PROGRESS_CALLS calls: shorter jobs
+# keep one jitted call.
 PROGRESS_MIN_SCORES = {"cpu": 2_000_000_000, "accelerator": 200_000_000_000}
 PROGRESS_CALLS = 20
+
+# How callers get progress without this module printing (retrieval sits below fct_jax.writers): called with the
+# number of queries when a long job starts, it returns a callback that takes how many are done after each call.
+# E.g. ``lambda total: writers.Progress(total, unit="queries").update``.
+ProgressFactory = Callable[[int], Callable[[int], None]]
 
 
 class RankStats(NamedTuple):
@@ -100,11 +81,6 @@ class RankStats(NamedTuple):
   num_pos: np.ndarray
   first_rank: np.ndarray
   ap: np.ndarray
-
-
-def default_mesh() -> Mesh:
-  """A 1-D mesh over all devices (all processes) with the axis name ``data``."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
 
 
 def _to_host(x) -> np.ndarray:
@@ -147,84 +123,13 @@ def _class_table(query_labels: np.ndarray, gallery_labels: np.ndarray):
   return q_cls, table
 
 
-def _bucket(s, thr):
-  """(B, C) int32 number of thresholds strictly below each score; thr: (B, K)."""
-  k = thr.shape[1]
-  if k <= _UNROLL_MAX:
-    # Unrolled: one fused, vectorised elementwise pass with K compares per score.
-    c = jnp.zeros(s.shape, jnp.int32)
-    for j in range(k):
-      c = c + (thr[:, j:j + 1] < s).astype(jnp.int32)
-    return c
-  return lax.fori_loop(0, k, lambda j, c: c + (lax.dynamic_slice_in_dim(thr, j, 1, 1) < s).astype(jnp.int32),
-                       jnp.zeros(s.shape, jnp.int32))
-
-
-def _bins(s, gidx, t, t_star, j_star):
-  """(B, C) int32 histogram bin of each score, in [0, P+2] (the bins are described in `_build`); gidx: the scores'
-  gallery indices, broadcastable to (B, C)."""
-  p = t.shape[1]
-  # Bin of a score: #{thresholds < s} + [s ≥ t*], in [0, P+1]. The extra term splits "s < t*" (bin 0, what CMC
-  # needs) from "s = t*" (bin 1). Not nextafter(t*, -inf) as a threshold: XLA:CPU flushes denormals, and
-  # nextafter(0) would become 0.
-  c = _bucket(s, t) + (s >= t_star[:, None]).astype(jnp.int32)
-  # Scores tied with the best positive but earlier in the gallery go to a separate bin: they rank before it (CMC
-  # tie rule) and sit at or below every threshold (for rank_le).
-  tie_before = (s == t_star[:, None]) & (gidx < j_star[:, None])
-  return jnp.where(tie_before, p + 2, c)
-
-
-def _count_histogram(s, gidx, t, t_star, j_star):
-  """Histogram counting. Returns (B, P+3) int32 per-row histogram of the bins described in `_build`; gidx: the
-  scores' gallery indices, broadcastable to (B, C)."""
-  b, p = t.shape
-  nb = p + 3
-  # XLA:CPU's scatter is a scalar loop on one thread. A flat 1-D scatter-add is ~2x faster than a 2-D one, and
-  # skipping the bounds checks (all indices are in bounds by construction) saves another ~10-30%.
-  flat = _bins(s, gidx, t, t_star, j_star) + (jnp.arange(b, dtype=jnp.int32) * nb)[:, None]
-  return jnp.zeros((b * nb,), jnp.int32).at[flat.reshape(-1)].add(1, mode="promise_in_bounds").reshape(b, nb)
-
-
-def _rank_indicators(s, gidx, t, t_star, j_star):
-  """The P+1 (B, C) 0/1 indicators summed by the reduce counters: [s ≤ t_j] for each threshold, then
-  [s ranks before the best positive] (CMC tie rule); gidx broadcastable to (B, C)."""
-  ops = [s <= t[:, j:j + 1] for j in range(t.shape[1])]
-  ops.append((s < t_star[:, None]) | ((s == t_star[:, None]) & (gidx < j_star[:, None])))
-  return ops
-
-
-def _sum_rows(ops, dtype):
-  zeros = tuple(dtype(0) for _ in ops)
-  return lax.reduce(tuple(o.astype(dtype) for o in ops), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)),
-                    (1,))
-
-
-def _count_reduce(s, gidx, t, t_star, j_star):
-  """Variadic-reduction counting. Returns (B, P+1) int32: rank_le for each threshold, then first_rank."""
-  return jnp.stack(_sum_rows(_rank_indicators(s, gidx, t, t_star, j_star), jnp.int32), axis=1)
-
-
-def _count_reduce_pairs(s, gidx, t, t_star, j_star):
-  """As `_count_reduce`, with two indicators packed into one uint32 (16-bit fields): half as many reduction
-  outputs. Exact while a chunk holds at most 65535 items (`rank_stats` caps the chunk)."""
-  ops = _rank_indicators(s, gidx, t, t_star, j_star)
-  if len(ops) % 2:
-    ops.append(jnp.zeros_like(ops[0]))
-  u = jnp.uint32
-  words = _sum_rows([a.astype(u) | (b.astype(u) << 16) for a, b in zip(ops[0::2], ops[1::2])], u)
-  out = []
-  for w in words:
-    out += [(w & 0xFFFF).astype(jnp.int32), (w >> 16).astype(jnp.int32)]
-  return jnp.stack(out[:t.shape[1] + 1], axis=1)
-
-
 @functools.lru_cache(maxsize=64)
 def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p: int, self_exclude: bool,
            method: str):
   """A jitted function (q, q_cls, q_idx, g, g_sq, table) -> (num_pos, first_rank, ap), cached per static config."""
   n_chunks = n_local // chunk
   inf = jnp.float32(jnp.inf)
-  count_fn = {"histogram": _count_histogram, "reduce": _count_reduce, "reduce_pairs": _count_reduce_pairs}[method]
+  count_fn = counting.COUNTERS[method]
 
   def per_device(q, q_cls, q_idx, g, g_sq, table):
     offset = lax.axis_index("data") * n_local
@@ -282,21 +187,7 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
           return acc + count(c, s), None
         shape = (block, p + 3) if method == "histogram" else (block, p + 1)
         acc, _ = lax.scan(pass2, jnp.zeros(shape, jnp.int32), jnp.arange(n_chunks))
-      acc = lax.psum(acc, "data")
-
-      if method == "histogram":
-        special = acc[:, p + 2]
-        first_rank = acc[:, 0] + special  # bin 0: scores < t*
-        # With lt[j] = #{thresholds < t_j}: s ≤ t_j ⟺ bin(s) ≤ lt[j] + 1 (for valid j, t_j ≥ t*). Invalid
-        # thresholds are +inf and never below anything.
-        lt = (t[:, None, :] < t[:, :, None]).sum(axis=2, dtype=jnp.int32)
-        cum = jnp.cumsum(acc[:, :p + 2], axis=1)
-        rank_le = jnp.take_along_axis(cum, jnp.clip(lt + 1, 0, p + 1), axis=1) + special[:, None]
-      else:
-        rank_le, first_rank = acc[:, :p], acc[:, p]
-      pos_le = (valid[:, None, :] & (t[:, None, :] <= t[:, :, None])).sum(axis=2, dtype=jnp.int32)
-      terms = jnp.where(valid, pos_le.astype(jnp.float32) / jnp.maximum(rank_le, 1).astype(jnp.float32), 0.0)
-      ap = terms.sum(axis=1) / jnp.maximum(num_pos, 1).astype(jnp.float32)
+      first_rank, ap = _ranks(lax.psum(acc, "data"), t, valid, num_pos, p=p, method=method)
       return num_pos, first_rank, ap
 
     return lax.map(one_block, (q, q_cls, q_idx))
@@ -306,10 +197,27 @@ def _build(mesh: Mesh, *, n_total: int, n_local: int, chunk: int, block: int, p:
   return jax.jit(fn)
 
 
+def _ranks(acc, t, valid, num_pos, *, p: int, method: str):
+  """``(first_rank, ap)`` of a query block from its summed counts ``acc`` and its positives' thresholds ``t``."""
+  if method == "histogram":
+    special = acc[:, p + 2]
+    first_rank = acc[:, 0] + special  # bin 0: scores < t*
+    # With lt[j] = #{thresholds < t_j}: s ≤ t_j ⟺ bin(s) ≤ lt[j] + 1 (for valid j, t_j ≥ t*). Invalid
+    # thresholds are +inf and never below anything.
+    lt = (t[:, None, :] < t[:, :, None]).sum(axis=2, dtype=jnp.int32)
+    cum = jnp.cumsum(acc[:, :p + 2], axis=1)
+    rank_le = jnp.take_along_axis(cum, jnp.clip(lt + 1, 0, p + 1), axis=1) + special[:, None]
+  else:
+    rank_le, first_rank = acc[:, :p], acc[:, p]
+  pos_le = (valid[:, None, :] & (t[:, None, :] <= t[:, :, None])).sum(axis=2, dtype=jnp.int32)
+  terms = jnp.where(valid, pos_le.astype(jnp.float32) / jnp.maximum(rank_le, 1).astype(jnp.float32), 0.0)
+  return first_rank, terms.sum(axis=1) / jnp.maximum(num_pos, 1).astype(jnp.float32)
+
+
 def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_gallery: bool = False,
                mesh: Mesh | None = None, query_block: int | None = None, gallery_chunk: int | None = None,
                max_block_bytes: int = 1 << 28, count_method: str = "auto",
-               progress: bool | None = None) -> RankStats:
+               progress: ProgressFactory | None = None) -> RankStats:
   """Exact per-query rank statistics for L2 retrieval (inputs assumed validated; see `metrics.evaluate`).
 
   Args:
@@ -324,19 +232,20 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
     gallery_chunk: gallery items per chunk on one device (C); default: the whole shard if B×C×4 bytes fits
       ``max_block_bytes``, else the largest chunk that does (then two passes).
     max_block_bytes: memory budget of one B×C score block.
-    count_method: "auto" (= "reduce_pairs"), "reduce_pairs", "reduce" or "histogram" (see the module docstring;
-      same results). The reductions fall back to "histogram" for classes larger than 128 (their unrolled
+    count_method: "auto" (= "reduce_pairs"), "reduce_pairs", "reduce" or "histogram" (see `counting`; same
+      results). The reductions fall back to "histogram" for classes larger than 128 (their unrolled
       compares would compile slowly).
-    progress: print queries/s and ETA (process 0) while the query blocks run, in about
-      :data:`PROGRESS_CALLS` jitted calls instead of one. None (default): only for long jobs, M × N above
-      :data:`PROGRESS_MIN_SCORES` for the platform (about 10 s or more). Results do not depend on it.
+    progress: a :data:`ProgressFactory` to report queries done while the query blocks run, in about
+      :data:`PROGRESS_CALLS` jitted calls instead of one; used only for long jobs, M × N at or above
+      :data:`PROGRESS_MIN_SCORES` for the platform (about 10 s or more). None (default): no reporting. Results do
+      not depend on it.
 
   Returns:
     RankStats of numpy arrays, length M.
   """
   if count_method not in COUNT_METHODS:
     raise ValueError(f"count_method must be one of {COUNT_METHODS}, got {count_method!r}")
-  mesh = mesh or default_mesh()
+  mesh = mesh or sharding.make_mesh()
   if "data" not in mesh.axis_names:
     raise ValueError(f"mesh needs a 'data' axis, has {mesh.axis_names}")
   on_cpu = mesh.devices.flat[0].platform == "cpu"
@@ -349,35 +258,16 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
   n = g.shape[0]
   q_cls, table = _class_table(ql, gl)
   p = table.shape[1]
-  if count_method != "histogram" and p > _UNROLL_MAX:
+  if count_method != "histogram" and p > counting.UNROLL_MAX:
     count_method = "histogram"
 
   n_dev = mesh.shape["data"]
-  per_dev = -(-n // n_dev)
-  if query_block is None:
-    query_block = 256
-    if not on_cpu:
-      fit = max_block_bytes // (4 * max(per_dev, 1))
-      query_block = int(min(4096, max(256, 2 ** int(np.log2(max(fit, 1))))))
-  block = max(1, min(query_block, m))
-  if gallery_chunk is None:
-    gallery_chunk = max(256, max_block_bytes // (4 * block))
-  if count_method == "reduce_pairs":
-    gallery_chunk = min(gallery_chunk, _PAIR_MAX_CHUNK)
-  chunk = min(_round_up(per_dev, 8), _round_up(gallery_chunk, 8))
-  n_local = _round_up(per_dev, chunk)
-  n_pad = n_local * n_dev
+  block, chunk, n_local = plan_blocks(m, n, n_dev, on_cpu=on_cpu, query_block=query_block,
+                                      gallery_chunk=gallery_chunk, max_block_bytes=max_block_bytes,
+                                      count_method=count_method)
   progress, per_call, m_pad = plan_calls(m, n, block, progress, on_cpu)
-
-  g_p, g_sq = pad_gallery(g, n_pad)
-  q_p = q
-  if m_pad != m:
-    q_p = np.zeros((m_pad, d), np.float32)
-    q_p[:m] = q
-  q_cls_p = np.full((m_pad,), table.shape[0] - 1, np.int32)  # padding queries: the empty class row
-  q_cls_p[:m] = q_cls
-  q_idx = np.full((m_pad,), -1, np.int32)
-  q_idx[:m] = np.arange(m)
+  g_p, g_sq = pad_gallery(g, n_local * n_dev)
+  q_p, q_cls_p, q_idx = _pad_queries(q, q_cls, table.shape[0] - 1, m_pad)
   nb = m_pad // block
 
   fn = _build(mesh, n_total=n, n_local=n_local, chunk=chunk, block=block, p=p, self_exclude=query_is_gallery,
@@ -390,6 +280,40 @@ def rank_stats(queries, gallery, query_labels, gallery_labels, *, query_is_galle
       (put(g_p, shard), put(g_sq, shard), put(table, rep)), mesh=mesh, per_call=per_call, rows=m,
       progress=progress)
   return RankStats(num_pos=num_pos, first_rank=first_rank, ap=ap)
+
+
+def plan_blocks(m: int, n: int, n_dev: int, *, on_cpu: bool, query_block: int | None, gallery_chunk: int | None,
+                max_block_bytes: int, count_method: str):
+  """``(block, chunk, n_local)``: queries per block, gallery items per chunk on one device, and the padded shard
+  length (a multiple of ``chunk``), from the defaults described in :func:`rank_stats`."""
+  per_dev = -(-n // n_dev)
+  if query_block is None:
+    query_block = 256
+    if not on_cpu:
+      fit = max_block_bytes // (4 * max(per_dev, 1))
+      query_block = int(min(4096, max(256, 2 ** int(np.log2(max(fit, 1))))))
+  block = max(1, min(query_block, m))
+  if gallery_chunk is None:
+    gallery_chunk = max(256, max_block_bytes // (4 * block))
+  if count_method == "reduce_pairs":
+    gallery_chunk = min(gallery_chunk, counting.PAIR_MAX_CHUNK)
+  chunk = min(_round_up(per_dev, 8), _round_up(gallery_chunk, 8))
+  return block, chunk, _round_up(per_dev, chunk)
+
+
+def _pad_queries(q: np.ndarray, q_cls: np.ndarray, empty_class: int, rows: int):
+  """Queries, their class rows and indices padded to ``rows``: padding queries have the empty class row (no
+  positive: never counted) and index −1 (no self to exclude)."""
+  m = len(q)
+  q_p = q
+  if rows != m:
+    q_p = np.zeros((rows, q.shape[1]), np.float32)
+    q_p[:m] = q
+  q_cls_p = np.full((rows,), empty_class, np.int32)
+  q_cls_p[:m] = q_cls
+  q_idx = np.full((rows,), -1, np.int32)
+  q_idx[:m] = np.arange(m)
+  return q_p, q_cls_p, q_idx
 
 
 def scores(q, g, g_sq):
@@ -412,39 +336,41 @@ def pad_gallery(g: np.ndarray, rows: int):
   return g_p, g_sq
 
 
-def put(x: np.ndarray, sharding) -> jax.Array:
+def put(x: np.ndarray, where: NamedSharding) -> jax.Array:
   """A host array onto the mesh; works the same on one host and on many (every process holds all of x)."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.make_array_from_callback(x.shape, where, lambda idx: x[idx])
 
 
-def plan_calls(m: int, n: int, block: int, progress: bool | None, on_cpu: bool):
+def plan_calls(m: int, n: int, block: int, progress: ProgressFactory | None, on_cpu: bool):
   """How the query blocks are split into jitted calls: ``(progress, blocks_per_call, padded_query_count)``.
 
-  All blocks in one call, or (progress) about :data:`PROGRESS_CALLS` calls of one compiled shape, the last padded
-  with empty queries, so that progress can be reported between calls. ``progress=None``: on for M × N at or above
-  :data:`PROGRESS_MIN_SCORES` for the platform.
+  All blocks in one call, or, for a job to report progress on, about :data:`PROGRESS_CALLS` calls of one compiled
+  shape, the last padded with empty queries, so that progress can be reported between calls. A job reports when
+  ``progress`` is given and M × N is at or above :data:`PROGRESS_MIN_SCORES` for the platform; the returned
+  ``progress`` is the factory then, else None.
   """
-  if progress is None:
-    progress = m * n >= PROGRESS_MIN_SCORES["cpu" if on_cpu else "accelerator"]
+  if progress is not None and m * n < PROGRESS_MIN_SCORES["cpu" if on_cpu else "accelerator"]:
+    progress = None
   blocks = -(-m // block)
-  per_call = -(-blocks // PROGRESS_CALLS) if progress else blocks
+  per_call = -(-blocks // PROGRESS_CALLS) if progress is not None else blocks
   return progress, per_call, -(-blocks // per_call) * per_call * block
 
 
-def run_calls(fn, blocked, shared, *, mesh: Mesh, per_call: int, rows: int, progress: bool):
+def run_calls(fn, blocked, shared, *, mesh: Mesh, per_call: int, rows: int,
+              progress: ProgressFactory | None = None):
   """Runs ``fn(*blocked_slices, *shared)`` over ``per_call`` blocks at a time (host arrays of leading size
   blocks, replicated onto ``mesh``); returns fn's outputs as host arrays, blocks flattened, cut to ``rows``.
-  With ``progress``, prints rows/s and ETA after each call (process 0)."""
+  With ``progress`` (a :data:`ProgressFactory`), reports the rows done after each call."""
   rep = NamedSharding(mesh, P())
   n_calls = blocked[0].shape[0] // per_call
-  bar = writers.Progress(rows, unit="queries", prefix="[retrieval] ") if progress else None
+  bar = progress(rows) if progress is not None else None
   outs = []
   for i in range(n_calls):
     sl = slice(i * per_call, (i + 1) * per_call)
     out = fn(*(put(b[sl], rep) for b in blocked), *shared)
     if bar is not None:
       out = tuple(np.asarray(o) for o in out)  # waits for this call
-      bar.update(min(rows, (i + 1) * per_call * blocked[0].shape[1]))
+      bar(min(rows, (i + 1) * per_call * blocked[0].shape[1]))
     outs.append(out)
   return tuple(np.concatenate([np.asarray(o[k]).reshape((-1,) + o[k].shape[2:]) for o in outs])[:rows]
                for k in range(len(outs[0])))

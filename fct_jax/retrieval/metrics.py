@@ -80,7 +80,7 @@ def metrics_from_stats(stats: kernel.RankStats, ks: Sequence[int] = (1, 5)) -> d
 def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery: bool = False,
              ks: Sequence[int] = (1, 5), mesh=None, query_block: int | None = None,
              gallery_chunk: int | None = None,
-             count_method: str = "auto", progress: bool | None = None) -> dict[str, float]:
+             count_method: str = "auto", progress: kernel.ProgressFactory | None = None) -> dict[str, float]:
   """Exact L2 retrieval metrics: CMC top-k and mAP over the full ranking.
 
   Args:
@@ -95,7 +95,7 @@ def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery
     gallery_chunk: gallery items per chunk on one device; default: automatic (see `kernel.rank_stats`).
     count_method: "auto", "reduce_pairs", "reduce" or "histogram" (same results; speed differs, see
       `kernel`).
-    progress: print queries/s and ETA while it runs; None (default): only for long jobs (see `kernel.rank_stats`).
+    progress: reports queries done on long jobs (a `kernel.ProgressFactory`; see `kernel.rank_stats`).
 
   Returns:
     ``{"cmc_top1": ..., "cmc_top5": ..., "mAP": ..., "num_queries": M, "num_skipped": S}``; metrics in percent

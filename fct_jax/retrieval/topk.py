@@ -22,6 +22,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fct_jax import sharding
 from fct_jax.retrieval import kernel
 
 
@@ -77,7 +78,7 @@ def _build(mesh: Mesh, *, n_local: int, k: int, block: int, group: int):
 
 
 def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int = 256,
-         progress: bool | None = None) -> Tuple[np.ndarray, np.ndarray]:
+         progress: kernel.ProgressFactory | None = None) -> Tuple[np.ndarray, np.ndarray]:
   """The ``k`` nearest gallery rows of every query under the L2 distance.
 
   Args:
@@ -86,14 +87,13 @@ def topk(queries, gallery, k: int, *, mesh: Mesh | None = None, query_block: int
     k: neighbours per query; at most N.
     mesh: a Mesh with a ``data`` axis to shard the gallery over; default: all devices.
     query_block: queries per block.
-    progress: print queries/s and ETA while it runs; None (default): only for long searches (see
-      `kernel.rank_stats`).
+    progress: reports queries done on long searches (a `kernel.ProgressFactory`; see `kernel.rank_stats`).
 
   Returns:
     ``(indices [M, k] int32, distances [M, k] float32)``: gallery row indices, nearest first (ties: lower index
     first), and their Euclidean distances.
   """
-  mesh = mesh or kernel.default_mesh()
+  mesh = mesh or sharding.make_mesh()
   q = np.asarray(queries, np.float32)
   g = np.asarray(gallery, np.float32)
   m, d = q.shape

@@ -30,26 +30,23 @@ only their direction matters). For a softmax old model nothing changes: logits �
 import jax.numpy as jnp
 import numpy as np
 
-from fct_jax import losses, retrieval, train_lib
+from fct_jax import artifacts, losses, retrieval, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common
 
 
 def loss_spec(cfg) -> dict:
-  """``{"kind", "scale", "margin"}`` of a stage config's ``loss`` block (``kind`` defaults to softmax)."""
-  lc = cfg.get("loss", {}) or {}
-  kind = lc.get("kind", "softmax") or "softmax"
-  if kind not in losses.LOSS_KINDS:
-    raise FCTError(f"stage {cfg.get('name', '?')!r}: unknown loss.kind {kind!r}; valid: "
-                   f"{', '.join(losses.LOSS_KINDS)}")
-  return {"kind": kind, "scale": float(lc.get("arcface_scale", 64.0)), "margin": float(lc.get("arcface_margin", 0.5))}
+  """``{"kind", "scale", "margin"}`` of a (resolved) stage config's ``loss`` block: the keyword arguments of
+  ``losses.classification_loss`` (the schema has checked the kind)."""
+  lc = cfg.loss
+  return {"kind": lc.kind, "scale": float(lc.arcface_scale), "margin": float(lc.arcface_margin)}
 
 
 def check_head_matches_loss(cfg):
   """One-line :class:`FCTError` unless ``model.head`` is ``arcface`` exactly when ``loss.kind`` is ``arcface``."""
   kind = loss_spec(cfg)["kind"]
-  head = cfg.get("model", {}).get("head", "linear") or "linear"
+  head = cfg.model.head
   if kind == "arcface" and head != "arcface":
     raise FCTError(f"stage {cfg.name!r}: loss.kind='arcface' needs cosine logits, but model.head is {head!r}; "
                    "set model.head='arcface'")
@@ -62,13 +59,12 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
               old_classifier=None, old_loss=None) -> train_lib.Task:
   """The backbone :class:`train_lib.Task`; with ``old_classifier`` ([D, C] frozen kernel) it is BCT's.
 
-  ``old_loss``: the old stage's :func:`loss_spec` (BCT's influence loss; default softmax).
+  ``old_loss``: the old stage's :func:`loss_spec` (BCT's influence loss), given with ``old_classifier``.
   """
   check_head_matches_loss(cfg)
   spec = loss_spec(cfg)
-  old_spec = old_loss or loss_spec({})
-  ls = float(cfg.loss.get("label_smoothing", 0.0))
-  bct_weight = float(cfg.get("bct", {}).get("weight", 1.0)) if old_classifier is not None else 0.0
+  ls = float(cfg.loss.label_smoothing)
+  bct_weight = float(cfg.bct.weight) if old_classifier is not None else 0.0
 
   def init(rng, batch):
     return model.init({"params": rng}, batch["image"], train=False)
@@ -83,7 +79,7 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
     if old_classifier is not None:
       # Label smoothing as for the new classifier; the loss is the old model's own (see the module docstring).
       influence = losses.bct_influence_loss(new_embedding=out["embedding"], old_classifier=frozen["old_classifier"],
-                                            labels=batch["label"], label_smoothing=ls, **old_spec)
+                                            labels=batch["label"], label_smoothing=ls, **old_loss)
       metrics["ce_loss"], metrics["influence_loss"] = l, influence
       l = l + bct_weight * influence
     return l, (metrics, dict(updates))
@@ -92,20 +88,18 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
   if eval_source is not None:
     def evaluate(state):
       variables = {"params": state["params"], **state["model_state"]}
-      emb = common.embed(model, variables, eval_source, batch_size=common.eval_batch_size(cfg, mesh), mesh=mesh,
-                         transform=common.eval_transform(cfg))
-      common.check_finite_embeddings(emb, f"stage {cfg.name!r} embeddings")
+      emb = artifacts.embed(model, variables, eval_source, batch_size=artifacts.eval_batch_size(cfg, mesh), mesh=mesh,
+                         transform=artifacts.eval_transform(cfg))
+      artifacts.check_finite_embeddings(emb, f"stage {cfg.name!r} embeddings")
       r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
       return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}
 
-  if cfg.augment not in augment.TRAIN_TRANSFORMS:
-    raise FCTError(f"unknown augment {cfg.augment!r}; valid: {', '.join(augment.TRAIN_TRANSFORMS)}")
+  transform = augment.train_transform(cfg.augment, cfg.data)
   frozen = None if old_classifier is None else {"old_classifier": old_classifier}
-  return train_lib.Task(name=cfg.name, init=init, loss=loss, transform=augment.TRAIN_TRANSFORMS[cfg.augment],
-                        evaluate=evaluate, frozen=frozen)
+  return train_lib.Task(name=cfg.name, init=init, loss=loss, transform=transform, evaluate=evaluate, frozen=frozen)
 
 
-def bct_old_head(cfg, ctx: common.Context, source, num_classes: int, embedding_dim: int):
+def bct_old_head(cfg, ctx: artifacts.Context, source, num_classes: int, embedding_dim: int):
   """``(classifier, loss)``: BCT's frozen classifier [D, num_classes] — the old model's, extended with its class
   means for new classes — and the :func:`loss_spec` the old stage ``cfg.bct.old`` was trained with (its saved
   config, read once).
@@ -119,7 +113,7 @@ def bct_old_head(cfg, ctx: common.Context, source, num_classes: int, embedding_d
   kept as they are, as with ImageNet-500 ⊂ ImageNet-1k.
   """
   old_stage = cfg.bct.old
-  module, variables, old_cfg = common.load_backbone(ctx, old_stage, cfg.name)
+  module, variables, old_cfg = artifacts.load_backbone(ctx, old_stage, cfg.name)
   kernel = variables.get("params", {}).get("classifier", {}).get("kernel")
   if kernel is None:
     raise FCTError(f"stage {cfg.name!r}: BCT needs the old model's classifier, but stage {old_stage!r} has none "
@@ -131,26 +125,26 @@ def bct_old_head(cfg, ctx: common.Context, source, num_classes: int, embedding_d
   if kernel.shape[1] > num_classes:
     raise FCTError(f"stage {cfg.name!r}: BCT needs the new classes to extend the old ones, but the old model has "
                    f"{kernel.shape[1]} classes and the new training split {num_classes}")
-  old_emb = common.embed(module, variables, source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
-                         mesh=ctx.mesh, transform=common.eval_transform(old_cfg))
-  common.check_finite_embeddings(old_emb, f"old-model embeddings for BCT in stage {cfg.name!r}")
+  old_emb = artifacts.embed(module, variables, source, batch_size=artifacts.eval_batch_size(cfg, ctx.mesh),
+                         mesh=ctx.mesh, transform=artifacts.eval_transform(old_cfg))
+  artifacts.check_finite_embeddings(old_emb, f"old-model embeddings for BCT in stage {cfg.name!r}")
   old_loss = loss_spec(old_cfg)
   if old_loss["kind"] == "arcface":
     old_emb = old_emb / np.maximum(np.linalg.norm(old_emb, axis=-1, keepdims=True), 1e-12)
-  sums, counts = losses.class_feature_sums(features=old_emb, labels=common.source_labels(source),
+  sums, counts = losses.class_feature_sums(features=old_emb, labels=artifacts.source_labels(source),
                                            num_classes=num_classes)
   classifier = np.asarray(losses.bct_extend_classifier(old_classifier=kernel, feature_sums=sums, counts=counts))
   return classifier, old_loss
 
 
-def run(cfg, stage_dir: str, ctx: common.Context):
+def run(cfg, stage_dir: str, ctx: artifacts.Context):
   """Trains the backbone and saves ``{params, batch_stats}`` to ``stage_dir/model``."""
   source, info = sources.get_source(cfg.data, cfg.split)
-  model = common.build_backbone(cfg, info.num_classes)
+  model = artifacts.build_backbone(cfg, info.num_classes)
   check_head_matches_loss(cfg)  # before any upstream work
   eval_source, eval_labels = common.eval_source(cfg)
   old_classifier = old_loss = None
-  if cfg.get("bct", {}).get("old"):
+  if cfg.bct.old:
     old_classifier, old_loss = bct_old_head(cfg, ctx, source, info.num_classes, int(cfg.model.embedding_dim))
     print(f"[{cfg.name}] BCT: influence loss (weight {float(cfg.bct.weight)}, the old model's {old_loss['kind']} "
           f"loss) through the frozen classifier of {cfg.bct.old!r}, extended to {old_classifier.shape[1]} classes "

@@ -1,11 +1,12 @@
 """Evaluation stage: the paper's query/gallery case table on the evaluation split.
 
 Embeds the evaluation images with φ_old and φ_new, upgrades the old "gallery" with h(φ_old, ψ) — from stored
-vectors only, no images, exactly as a production upgrade would — and reports CMC top-1/top-5 and mAP (percent)
+vectors only, no images, exactly as a production upgrade would — and evaluates CMC top-1/top-5 and mAP (percent)
 for the cases old/old, new/old, new/new, h/h and new/h (query model / gallery model; the evaluation set is both
 query and gallery, each query's own item removed), and with ``cfg.bct`` (a BCT backbone stage) the baseline's
-rows bct-new/old and bct-new/bct-new. Writes ``results.json`` and ``results.md`` into the experiment
-workdir and prints the table.
+rows bct-new/old and bct-new/bct-new. Writes the table into the stage directory, prints it, and returns
+:class:`fct_jax.retrieval.summary.EvaluationResults` (the table and the CMC curves, CKA and backfilling curve of
+the embeddings), from which the experiment writes the report.
 
 ψ is computed for the evaluation images by the side-info model the transformation was trained with (zeros for
 ``none``), as it would have been stored beside φ_old at old time. ``cfg.compare_transformations`` lists further
@@ -14,87 +15,125 @@ stage name in brackets when two share a kind). For every side-info model the res
 ``side_info_analysis``: linear CKA between φ_old and ψ (Table 6's complementarity measure) and, per field of
 ``cfg.probe_fields``, the leave-one-out 1-NN accuracy and a linear probe's accuracy of ψ, φ_old and φ_new (on the
 demo: does ψ know the shapes that φ_old threw away?).
+
+:class:`EmbeddingCache` is shared with the sequence-evaluation stage (``stages/sequence.py``).
 """
 
 import jax
 import numpy as np
 
-from fct_jax import retrieval
+from fct_jax import artifacts, retrieval, writers
 from fct_jax.data import sources
 from fct_jax.retrieval import cases as cases_lib
 from fct_jax.retrieval import cka as cka_lib
-from fct_jax.stages import common, transformation
+from fct_jax.retrieval import summary
+from fct_jax.stages import common
 
-DEFAULT_CASES = (("old", "old"), ("new", "old"), ("new", "new"), ("h", "h"), ("new", "h"))
+# A console bar for the retrieval kernel's long jobs (the kernel takes a factory: it sits below writers).
+retrieval_progress = writers.progress_factory("queries", "[retrieval] ")
 
 
-def run(cfg, stage_dir: str, ctx: common.Context):
+class EmbeddingCache:
+  """The evaluation images embedded once per model in one stage run: φ per backbone stage, ψ per side-info model.
+
+  Rows and transformations of an evaluation share models (every h reads φ_old; h's over one side-info stage share
+  ψ; sequence rows share backbones), and embedding the images is the expensive part. Loaded side-information models
+  are kept too (:attr:`side_models`, by stage), so each stage's checkpoint is read once.
+  """
+
+  def __init__(self, cfg, ctx: artifacts.Context, source):
+    self._cfg, self._ctx, self._source = cfg, ctx, source
+    self._batch_size = artifacts.eval_batch_size(cfg, ctx.mesh)
+    self._transform = artifacts.eval_transform(cfg)
+    self._phi = {}
+    self.psi = {}  # side-info key -> (side-info model, ψ), in order of first use
+    self.side_models = {}  # side_info stage -> loaded model
+
+  def phi(self, stage: str, what: str = "") -> np.ndarray:
+    """φ of the images by backbone stage ``stage``, checked finite (``what`` names it in the error)."""
+    if stage not in self._phi:
+      module, variables, _ = artifacts.load_backbone(self._ctx, stage, self._cfg.name)
+      x = artifacts.embed(module, variables, self._source, batch_size=self._batch_size, mesh=self._ctx.mesh,
+                          transform=self._transform)
+      artifacts.check_finite_embeddings(x, what or f"{stage} embeddings")
+      self._phi[stage] = x
+    return self._phi[stage]
+
+  def psi_of(self, side: artifacts.SideInfo, what: str = "") -> np.ndarray:
+    """ψ of the images by side-info model ``side`` (zeros for ``none``), checked finite."""
+    if side.key not in self.psi:
+      x = side.embed(self._source, batch_size=self._batch_size, mesh=self._ctx.mesh, transform=self._transform)
+      artifacts.check_finite_embeddings(x, what or f"side-information ({side.method}) of {side.key!r}")
+      self.psi[side.key] = (side, x)
+    return self.psi[side.key][1]
+
+  def side_model(self, stage: str) -> artifacts.SideInfo:
+    """The side_info stage ``stage``, loaded once."""
+    if stage not in self.side_models:
+      self.side_models[stage] = artifacts.load_side_info(self._ctx, stage, self._cfg.name)
+    return self.side_models[stage]
+
+  def transformation(self, stage: str):
+    """``(h, cfg, side_info)`` of transformation stage ``stage``; its side-info model comes from the cache."""
+    return artifacts.load_h(self._ctx, stage, self._cfg.name, side_cache=self.side_models)
+
+
+def summarize(cfg, ctx: artifacts.Context, embeddings, labels, payload: dict) -> summary.EvaluationResults:
+  """What an evaluation stage returns: ``payload`` and the report's sections computed from ``embeddings`` (every
+  process computes: the kernel's mesh may span hosts). ``cfg.report`` holds ``max_k`` and ``backfill_fractions``."""
+  sections = summary.summarize(embeddings, labels, payload["cases"], max_k=int(cfg.report.max_k),
+                               backfill_fractions=tuple(cfg.report.backfill_fractions), mesh=ctx.mesh,
+                               progress=retrieval_progress)
+  return summary.EvaluationResults(payload=payload, sections=sections)
+
+
+def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResults:
   source, _ = sources.get_source(cfg.data, cfg.split)
-  labels = common.source_labels(source)
-  bs = common.eval_batch_size(cfg, ctx.mesh)
-  emb = {}
-  for role in ("old", "new"):
-    module, variables, _ = common.load_backbone(ctx, cfg[role], cfg.name)
-    emb[role] = common.embed(module, variables, source, batch_size=bs, mesh=ctx.mesh,
-                             transform=common.eval_transform(cfg))
-    common.check_finite_embeddings(emb[role], f"{role} embeddings")
-  cases = [tuple(c) for c in DEFAULT_CASES]
-  if cfg.get("bct"):  # the BCT baseline: φ_new^BCT against the old gallery, and against itself
-    module, variables, _ = common.load_backbone(ctx, cfg.bct, cfg.name)
-    emb["bct-new"] = common.embed(module, variables, source, batch_size=bs, mesh=ctx.mesh,
-                                  transform=common.eval_transform(cfg))
-    common.check_finite_embeddings(emb["bct-new"], "BCT new-model embeddings")
+  labels = artifacts.source_labels(source)
+  cache = EmbeddingCache(cfg, ctx, source)
+  emb = {role: cache.phi(cfg[role], f"{role} embeddings") for role in ("old", "new")}
+  cases = list(cases_lib.DEFAULT_CASES)
+  if cfg.bct:  # the BCT baseline: φ_new^BCT against the old gallery, and against itself
+    emb["bct-new"] = cache.phi(cfg.bct, "BCT new-model embeddings")
     cases += [("bct-new", "old"), ("bct-new", "bct-new")]
-  psi_cache, transformed, kinds, feature_modes, side_models = {}, {}, {}, {}, {}
-
-  def upgrade(stage):
-    """h(φ_old, ψ) of the eval images with the transformation ``stage``; ψ computed once per side-info model."""
-    if stage not in transformed:
-      h, tcfg, side = transformation.load_h(ctx, stage, cfg.name, side_cache=side_models)
-      key = side.key
-      if key not in psi_cache:
-        psi_cache[key] = (side, side.embed(source, batch_size=bs, mesh=ctx.mesh,
-                                              transform=common.eval_transform(cfg)))
-        common.check_finite_embeddings(psi_cache[key][1], f"side-information ({side.method}) of {stage!r}")
-      transformed[stage] = h(emb["old"], psi_cache[key][1])
+  compare = list(cfg.compare_transformations)
+  transformed, kinds, feature_modes = {}, {}, {}
+  for stage in [cfg.transformation] + compare:
+    if stage not in transformed:  # h(φ_old, ψ) of the eval images from stored vectors; ψ once per side-info model
+      h, tcfg, side = cache.transformation(stage)
+      transformed[stage] = h(emb["old"], cache.psi_of(side, f"side-information ({side.method}) of {stage!r}"))
       kinds[stage] = tcfg.side_info.kind
-      feature_modes[stage] = transformation.feature_mode(tcfg)  # online (ml-fct's) or cached (ours)
-      common.check_finite_embeddings(transformed[stage], f"transformed (h) embeddings of {stage!r}")
-    return transformed[stage]
-
-  emb["h"] = upgrade(cfg.transformation)
-  compare = list(cfg.get("compare_transformations", ()))
-  for stage in compare:
-    upgrade(stage)
+      feature_modes[stage] = tcfg.feature_mode  # online (ml-fct's) or cached (ours)
+      artifacts.check_finite_embeddings(transformed[stage], f"transformed (h) embeddings of {stage!r}")
+  emb["h"] = transformed[cfg.transformation]
   for stage in compare:
     label = kinds[stage] if [kinds[s] for s in compare].count(kinds[stage]) == 1 else stage
     emb[f"h[{label}]"] = transformed[stage]
     cases.append(("new", f"h[{label}]"))
 
-  results = cases_lib.evaluate_cases(emb, labels, cases)
-  analysis = _side_info_analysis(cfg, source, emb, psi_cache)
-  table = cases_lib.format_markdown_table(results)
+  results = cases_lib.evaluate_cases(emb, labels, cases, progress=retrieval_progress)
+  analysis = _side_info_analysis(cfg, source, emb, cache.psi)
   payload = {"cases": results, "num_eval": int(len(labels)), "side_info": kinds[cfg.transformation],
-             "feature_mode": feature_modes,
-             "side_info_analysis": analysis}
-  common.write_stage_results(stage_dir, payload, table)
+             "feature_mode": feature_modes, "side_info_analysis": analysis}
+  common.write_stage_results(stage_dir, payload, cases_lib.format_markdown_table(results))
   if jax.process_index() == 0:
-    for name, a in analysis.items():
-      for probe in ("knn_top1", "linear_probe"):
-        scores = "; ".join(f"{f} ψ {a[probe][f]:.1f} / old {a[probe + '_old'][f]:.1f} / new "
-                           f"{a[probe + '_new'][f]:.1f}" for f in a[probe])
-        print(f"[{cfg.name}] side-info {name}: {probe} % {scores}", flush=True)
-      print(f"[{cfg.name}] side-info {name}: CKA(φ_old, ψ) {a['cka_old']:.3f}", flush=True)
-  # The experiment's results.md/.json (CMC curves, CKA, cost, backfilling, plots) are the report's; every process
-  # computes (the kernel's mesh may span hosts), process 0 writes.
-  from fct_jax import report  # pylint: disable=g-import-not-at-top
-  report.write(ctx.workdir, payload, emb, labels, cfg=cfg, mesh=ctx.mesh)
-  return True
+    _print_analysis(cfg.name, analysis)
+  return summarize(cfg, ctx, emb, labels, payload)
+
+
+def _print_analysis(name: str, analysis: dict):
+  for side, a in analysis.items():
+    for probe in ("knn_top1", "linear_probe"):
+      scores = "; ".join(f"{f} ψ {a[probe][f]:.1f} / old {a[probe + '_old'][f]:.1f} / new "
+                         f"{a[probe + '_new'][f]:.1f}" for f in a[probe])
+      print(f"[{name}] side-info {side}: {probe} % {scores}", flush=True)
+    print(f"[{name}] side-info {side}: CKA(φ_old, ψ) {a['cka_old']:.3f}", flush=True)
 
 
 def _knn_top1(x, labels) -> float:
   """Leave-one-out 1-NN accuracy (%) of ``labels`` with L2 distance on ``x`` (retrieval CMC top-1)."""
-  return float(retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, ks=(1,))["cmc_top1"])
+  return float(retrieval.evaluate(x, x, labels, labels, query_is_gallery=True, ks=(1,),
+                                  progress=retrieval_progress)["cmc_top1"])
 
 
 def _linear_probe(x, labels, ridge: float = 1e-3) -> float:
@@ -119,8 +158,8 @@ def _side_info_analysis(cfg, source, emb, psi_cache):
   models = [(side, psi) for side, psi in psi_cache.values() if side.method != "none"]
   if not models:
     return {}
-  fields = [f for f in cfg.get("probe_fields", ("label",)) if f in source[0]]
-  field_labels = {f: common.source_labels(source, f) for f in fields}
+  fields = [f for f in cfg.probe_fields if f in source[0]]
+  field_labels = {f: artifacts.source_labels(source, f) for f in fields}
   probes = {"knn_top1": _knn_top1, "linear_probe": _linear_probe}
 
   def score(x):

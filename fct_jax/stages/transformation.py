@@ -28,7 +28,7 @@ otherwise the stage stops with a one-line error before training.
 import dataclasses
 import io
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -36,47 +36,12 @@ import numpy as np
 from etils import epath
 from flax.core import unfreeze
 
-from fct_jax import checkpoint, losses, models, sharding, train_lib
+from fct_jax import artifacts, checkpoint, losses, sharding, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
-from fct_jax.stages import common, side_info
+from fct_jax.stages import common
 
-SIDE_INFO_KINDS = ("none",) + side_info.METHODS
-FEATURE_MODES = ("online", "cached")
 FEATURE_KEYS = ("old", "psi", "new")
-
-
-def build_h(cfg, old_dim: int, new_dim: int):
-  kw = common.model_kwargs(cfg.model)
-  return models.get_model(cfg.model.name, old_dim=old_dim, side_dim=int(cfg.side_info.dim), new_dim=new_dim, **kw)
-
-
-def load_side_info(cfg, ctx, cache: Optional[Dict[str, side_info.SideInfo]] = None) -> side_info.SideInfo:
-  """The frozen ψ a transformation config asks for, checked against it (kind and width).
-
-  ``cache``: side-info stage name → loaded ψ, shared by callers that load several h's over the same ψ (each
-  stage's checkpoint is then read once); the checks still run for every config.
-  """
-  si = cfg.side_info
-  kind, dim = si.kind, int(si.dim)
-  if kind not in SIDE_INFO_KINDS:
-    raise FCTError(f"unknown side_info.kind {kind!r}; valid: {', '.join(SIDE_INFO_KINDS)}")
-  if kind == "none":
-    return side_info.zeros(dim)
-  if not si.get("stage"):
-    raise FCTError(f"stage {cfg.name!r}: side_info.kind={kind!r} needs side_info.stage, the side_info stage to load")
-  if cache is not None and si.stage in cache:
-    psi = cache[si.stage]
-  else:
-    psi = side_info.load(ctx, si.stage, cfg.name)
-    if cache is not None:
-      cache[si.stage] = psi
-  if psi.method != kind:
-    raise FCTError(f"stage {cfg.name!r}: side_info.kind is {kind!r} but stage {si.stage!r} trained {psi.method!r}")
-  if psi.dim != dim:
-    raise FCTError(f"stage {cfg.name!r}: side-info width mismatch: stage {si.stage!r} gives {psi.dim}-d ψ but "
-                   f"side_info.dim={dim} (the h model's side width); set side_info.dim={psi.dim}")
-  return psi
 
 
 @dataclasses.dataclass
@@ -93,32 +58,21 @@ class Frozen:
   apply: Callable
   variables: Dict[str, Any]
   dims: Dict[str, int]
-  side: side_info.SideInfo
+  side: artifacts.SideInfo
   target_kind: str
-
-
-def target_kind(cfg, ctx, new_config=None) -> str:
-  """``"backbone"`` when ``cfg.new`` is φ_new (h), ``"side_info"`` when it is ψ_{i+1} (g); ``new_config``: that
-  stage's saved config when the caller has it already."""
-  new_config = new_config or common.stage_config(ctx, cfg.new, cfg.name)
-  kind = new_config.get("kind")
-  if kind not in ("backbone", "side_info"):
-    raise FCTError(f"stage {cfg.name!r}: target {cfg.new!r} must be a backbone (h) or side_info (g) stage, not "
-                   f"{kind!r}")
-  return kind
 
 
 def load_frozen(cfg, ctx) -> Frozen:
   """Loads φ_old, ψ and the target (φ_new, or ψ_{i+1} for g) frozen."""
-  old_model, old_vars, old_cfg = common.load_backbone(ctx, cfg.old, cfg.name)
-  psi = load_side_info(cfg, ctx)
-  kind = target_kind(cfg, ctx)
+  old_model, old_vars, old_cfg = artifacts.load_backbone(ctx, cfg.old, cfg.name)
+  psi = artifacts.side_info_for(cfg, ctx)
+  kind = artifacts.target_kind(cfg, ctx)
   if kind == "backbone":
-    new_model, new_vars, new_cfg = common.load_backbone(ctx, cfg.new, cfg.name)
+    new_model, new_vars, new_cfg = artifacts.load_backbone(ctx, cfg.new, cfg.name)
     new_dim = int(new_cfg.model.embedding_dim)
     new_apply = lambda v, images: new_model.apply(v, images, train=False)["embedding"]
   else:
-    nxt = side_info.load(ctx, cfg.new, cfg.name)
+    nxt = artifacts.load_side_info(ctx, cfg.new, cfg.name)
     new_dim, new_vars, new_apply = nxt.dim, nxt.variables, nxt.apply
 
   def apply(v, images):
@@ -129,18 +83,10 @@ def load_frozen(cfg, ctx) -> Frozen:
                 {"old": int(old_cfg.model.embedding_dim), "new": new_dim}, psi, kind)
 
 
-def feature_mode(cfg) -> str:
-  """The configured feature mode; ``cache_features=True`` (older configs) means ``cached``."""
-  mode = cfg.get("feature_mode", "cached" if cfg.get("cache_features", False) else "online")
-  if mode not in FEATURE_MODES:
-    raise FCTError(f"stage {cfg.name!r}: unknown feature_mode {mode!r}; valid: {', '.join(FEATURE_MODES)}")
-  return mode
-
-
 def bn_eval_step(cfg, total_steps: int) -> int:
   """The first step (0-based) at which h's BatchNorm runs in eval mode."""
   # ml-fct: BatchNorm of h is switched to eval mode for the second half of training (switch_mode_to_eval).
-  return int(round(float(cfg.get("bn_eval_after", 0.5)) * total_steps))
+  return int(round(float(cfg.bn_eval_after) * total_steps))
 
 
 def check_feature_dims(cfg, feats: Dict[str, np.ndarray], dims: Dict[str, int], where: str):
@@ -193,7 +139,7 @@ def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[st
   The computation is :func:`train_lib.predict` (batches sharded over the mesh, results on every process);
   process 0 writes ``stage_dir/features/{old,psi,new}.npy`` and ``meta.json``.
   """
-  views = int(cfg.get("cache_views", 1))
+  views = int(cfg.cache_views)
   if views < 1:
     raise FCTError(f"stage {cfg.name!r}: cache_views must be ≥ 1, got {views}")
   fdir = checkpoint.join(stage_dir, "features")
@@ -204,13 +150,13 @@ def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[st
     print(f"[{cfg.name}] reusing {len(feats['old'])} cached feature rows from {fdir}", flush=True)
     return feats
   t0 = time.perf_counter()
-  views_source = AugmentedViews(source, augment.TRAIN_TRANSFORMS[cfg.augment], views, int(cfg.seed) + 101)
+  views_source = AugmentedViews(source, augment.train_transform(cfg.augment, cfg.data), views, int(cfg.seed) + 101)
   feats = train_lib.predict(lambda v, b: dict(zip(FEATURE_KEYS, frozen.apply(v, b["image"]))), frozen.variables,
-                            views_source, batch_size=common.eval_batch_size(cfg, ctx.mesh),
+                            views_source, batch_size=artifacts.eval_batch_size(cfg, ctx.mesh),
                             transform=lambda ex: ex, mesh=ctx.mesh)
   feats = {k: np.asarray(feats[k], np.float32) for k in FEATURE_KEYS}  # as stored: a reuse trains on the same
   for k in FEATURE_KEYS:
-    common.check_finite_embeddings(feats[k], f"cached {k} features of stage {cfg.name!r}")
+    artifacts.check_finite_embeddings(feats[k], f"cached {k} features of stage {cfg.name!r}")
   seconds = time.perf_counter() - t0
   if jax.process_index() == 0:
     epath.Path(fdir).mkdir(parents=True, exist_ok=True)
@@ -280,14 +226,13 @@ def make_loss(h, batch_features: Callable, switch_step: int):
   return loss
 
 
-def run(cfg, stage_dir: str, ctx: common.Context):
+def run(cfg, stage_dir: str, ctx: artifacts.Context):
   """Trains h (or g) and saves its variables to ``stage_dir/model``."""
   frozen = load_frozen(cfg, ctx)
-  h = build_h(cfg, frozen.dims["old"], frozen.dims["new"])
+  h = artifacts.build_h(cfg, frozen.dims["old"], frozen.dims["new"])
   source, _ = sources.get_source(cfg.data, cfg.split)
-  mode = feature_mode(cfg)
-  if cfg.augment not in augment.TRAIN_TRANSFORMS:
-    raise FCTError(f"unknown augment {cfg.augment!r}; valid: {', '.join(augment.TRAIN_TRANSFORMS)}")
+  mode = cfg.feature_mode
+  transform = augment.train_transform(cfg.augment, cfg.data)  # refuses an unknown name before any work
   what = "h: φ_new" if frozen.target_kind == "backbone" else "g: ψ_{i+1}"
   if mode == "cached":
     feats = cached_features(cfg, stage_dir, ctx, frozen, source)
@@ -301,8 +246,8 @@ def run(cfg, stage_dir: str, ctx: common.Context):
   else:
     train_source = source
     batch_features = lambda frz, batch: frozen.apply(frz, batch["image"])
-    task_kw = dict(frozen=frozen.variables, keys=("image",), transform=augment.TRAIN_TRANSFORMS[cfg.augment])
-  _, total = train_lib.steps_for(cfg.train, len(train_source))
+    task_kw = dict(frozen=frozen.variables, keys=("image",), transform=transform)
+  total = train_lib.resolve_steps(cfg.train, len(train_source)).total
   switch_step = bn_eval_step(cfg, total)
   print(f"[{cfg.name}] {what} from φ_old ({cfg.old}) and ψ ({frozen.side.method}); feature_mode={mode} "
         f"(augment={cfg.augment}); BatchNorm eval mode from step {switch_step} of {total}", flush=True)
@@ -313,61 +258,3 @@ def run(cfg, stage_dir: str, ctx: common.Context):
 
   task = train_lib.Task(name=cfg.name, init=init, loss=make_loss(h, batch_features, switch_step), **task_kw)
   return common.train_and_save(cfg, stage_dir, ctx, task, train_source)
-
-
-def upstream_width(ctx, stage: str, needed_by: str, config=None) -> int:
-  """The embedding width of a finished backbone or side_info stage, read from its saved ``config.json`` (no
-  checkpoint is loaded; ``config``: that config when the caller has it already): ``model.embedding_dim``, the
-  width of φ and of ψ."""
-  config = config or common.stage_config(ctx, stage, needed_by)
-  model = config.get("model", {})
-  if "embedding_dim" not in model:
-    raise FCTError(f"stage {needed_by!r}: the config of stage {stage!r} has no model.embedding_dim (its width)")
-  return int(model["embedding_dim"])
-
-
-def load_h(ctx, stage: str, needed_by: str, side_cache: Optional[Dict[str, side_info.SideInfo]] = None):
-  """A finished transformation stage (h or g): ``(transform, cfg, side_info)``.
-
-  ``transform(old [N, d_old], psi [N, d_side]) -> [N, d_new]`` numpy (eval mode, in batches; a one-line
-  :class:`FCTError` when the stored vectors' widths do not fit); ``side_info`` is its frozen input
-  :class:`side_info.SideInfo` (``.embed(source, ...)`` computes ψ for images; ``side_cache``: see
-  :func:`load_side_info`). h is rebuilt with the widths in the upstream stages' saved configs (φ_old and the
-  target are not loaded), checked against its saved variables.
-  """
-  cfg, variables = common.load_stage(ctx, stage, needed_by)
-  if cfg.kind != "transformation":
-    raise FCTError(f"stage {needed_by!r} expects {stage!r} to be a transformation stage, not {cfg.kind!r}")
-  side = load_side_info(cfg, ctx, side_cache)
-  new_config = common.stage_config(ctx, cfg.new, stage)
-  target_kind(cfg, ctx, new_config)  # a backbone or side_info target, else a one-line error
-  dims = {"old": upstream_width(ctx, cfg.old, stage), "new": upstream_width(ctx, cfg.new, stage, new_config)}
-  side_dim = int(cfg.side_info.dim)
-  h = build_h(cfg, dims["old"], dims["new"])
-  _check_h_variables(h, variables, dims, side_dim, stage, needed_by)
-  apply = jax.jit(lambda v, old, psi: h.apply(v, old, psi, train=False)["embedding"])
-
-  def transform(old: np.ndarray, psi: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    for name, x, d in (("φ_old", old, dims["old"]), ("ψ", psi, side_dim)):
-      if np.ndim(x) != 2 or x.shape[1] != d:
-        raise FCTError(f"{needed_by}: transformation {stage!r} takes {d}-d {name} but got an array of shape "
-                       f"{tuple(np.shape(x))}")
-    outs = [np.asarray(apply(variables, old[i:i + batch_size], psi[i:i + batch_size]))
-            for i in range(0, len(old), batch_size)]
-    return np.concatenate(outs)
-
-  return transform, cfg, side
-
-
-def _check_h_variables(h, variables, dims, side_dim, stage, needed_by):
-  """One-line error when the saved h does not have the shapes the upstream widths give (an upstream stage was
-  retrained with another width after h was trained)."""
-  want = jax.eval_shape(lambda: h.init({"params": jax.random.key(0)}, jnp.zeros((1, dims["old"])),
-                                       jnp.zeros((1, side_dim)), train=False))
-  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(want)}
-  got = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
-  if want != got:
-    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    raise FCTError(f"stage {needed_by!r}: transformation {stage!r} does not fit the widths of its upstream stages "
-                   f"(d_old={dims['old']}, d_side={side_dim}, d_new={dims['new']}): {diff[0]} is "
-                   f"{got.get(diff[0])}, expected {want.get(diff[0])}; retrain {stage!r}")

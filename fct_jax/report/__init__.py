@@ -1,0 +1,26 @@
+r"""The experiment report: ``results.md``, ``results.json`` and PNG plots in the experiment workdir.
+
+An evaluation stage (``stages/evaluation.py``, ``stages/sequence.py``) returns its case table and what it computed
+from the embeddings (:class:`fct_jax.retrieval.summary.EvaluationResults`: CMC curves, CKA, the backfilling curve,
+the compatibility matrix of update sequences); ``experiment.run`` then calls :func:`write`, which adds
+
+* the paper's numbers side by side, when the evaluation stage config names a paper table (``paper_table``:
+  ``table1`` … ``table6``, see :data:`PAPER_TABLES`, data in ``paper_tables.json``);
+* the per-example cost of the update (backfilling vs BCT vs FCT, ``gallery/cost.py``);
+
+and renders. Everything lands in ``results.json`` first; ``results.md`` and the plots are rendered from that
+dictionary alone, so ``python -m fct_jax.report --workdir DIR`` redraws them later (see ``__main__.py``).
+
+Modules: `paper` (the paper's tables as data), `assemble` (the results dictionary; :func:`write`), `render`
+(Markdown, files, the README block), `plots`.
+"""
+
+from fct_jax.report.assemble import build, write
+from fct_jax.report.paper import PAPER_CKA, PAPER_SIDE_INFO, PAPER_TABLES, paper_rows
+from fct_jax.report.plots import plot_all
+from fct_jax.report.render import RESULTS_JSON, RESULTS_MD, case_table, markdown, readme_block, rerender
+from fct_jax.report.render import update_readme, write_files
+
+__all__ = ["build", "write", "PAPER_TABLES", "PAPER_CKA", "PAPER_SIDE_INFO", "paper_rows", "plot_all",
+           "RESULTS_JSON", "RESULTS_MD", "case_table", "markdown", "readme_block", "rerender", "update_readme",
+           "write_files"]

@@ -1,0 +1,58 @@
+"""The paper's numbers (Ramanujan et al., CVPR 2022), kept as data in ``paper_tables.json`` beside this module.
+
+``PAPER_TABLES``: table -> case -> (CMC top-1 %, CMC top-5 %, mAP@1.0 %), keyed by our case names (query model /
+gallery model; ``bct-new`` is φ_new^BCT, ``h`` is h(φ_old, ψ)); ``table1`` … ``table6``, the evaluation stage
+config's ``paper_table``. ``PAPER_CKA``: Table 6's CKA(φ_old, ψ) column by side-information method.
+``PAPER_SIDE_INFO``: the side-information behind each table's h rows. The JSON file says which table is which.
+"""
+
+import json
+import os
+from typing import Sequence
+
+from fct_jax.errors import FCTError
+from fct_jax.retrieval import summary
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_tables.json"), encoding="utf-8") as _f:
+  _DATA = json.load(_f)
+PAPER_TABLES = {table: {case: tuple(v) for case, v in rows.items()} for table, rows in _DATA["tables"].items()}
+PAPER_CKA = _DATA["cka"]
+# A run with another kind of side-information is compared only where the paper has that kind's row (Table 1's plan
+# without side-information: new/h ↔ Table 6's "None", new/h[none]).
+PAPER_SIDE_INFO = _DATA["side_info"]
+
+
+def _unknown(table: str) -> FCTError:
+  return FCTError(f"unknown paper_table {table!r}; valid: {', '.join(PAPER_TABLES)}")
+
+
+def check_table(table: str):
+  """Raises a one-line error unless ``table`` is "" (none) or a key of :data:`PAPER_TABLES`."""
+  if table and table not in PAPER_TABLES:
+    raise _unknown(table)
+
+
+def paper_rows(table: str, cases: Sequence[str], side_info: str = "") -> dict:
+  """The paper's (top-1, top-5, mAP) of the cases that ``table`` has: ``{"q/g": [t1, t5, mAP]}``.
+
+  ``side_info``: the kind behind our ``h``; when it is not the table's (:data:`PAPER_SIDE_INFO`), a row with ``h``
+  is matched only to the paper's row for that kind (``new/h`` → ``new/h[none]``), or left without a paper value.
+  """
+  if table not in PAPER_TABLES:
+    raise _unknown(table)
+  rows = PAPER_TABLES[table]
+  other_kind = bool(side_info) and table in PAPER_SIDE_INFO and side_info != PAPER_SIDE_INFO[table]
+  out = {}
+  for c in cases:
+    key = c
+    if other_kind and "h" in summary.split_case(c):
+      key = f"{c}[{side_info}]"
+    if key in rows:
+      out[c] = list(rows[key])
+  return out
+
+
+def paper_section(table: str, cases: Sequence[str], side_info: str = "") -> dict:
+  """The report's ``paper`` section: the table's name, its rows for ``cases``, and Table 6's CKA column."""
+  return {"table": table, "rows": paper_rows(table, cases, side_info),
+          "cka": PAPER_CKA if table == "table6" else None}

@@ -1,0 +1,127 @@
+"""The report's PNG plots, drawn from the results dictionary alone (what ``results.json`` holds)."""
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from fct_jax.gallery import cost as cost_lib
+
+# File names inside the experiment workdir.
+PLOTS = {"cmc": "cmc.png", "cases": "cases.png", "backfill": "backfill.png", "compatibility": "compatibility.png"}
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")  # headless: servers, pods and the test suite have no display
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _percent_axes(ax, xlabel: str, ylabel: str):
+  """Axis labels, a 0–100 % y axis and a light grid: the line plots' common frame."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+
+
+def _finish(plt, fig, ax, title: str, path: str, legend_loc: str = "best"):
+  """Legend, title, layout; saves the figure to ``path`` and frees it."""
+  ax.legend(fontsize=7, loc=legend_loc)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_cmc(results: Mapping, path: str):
+  """CMC curves (top-k hit rate against k), one line per case."""
+  plt = _plt()
+  curves = results["cmc_curves"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for case, ys in curves["cases"].items():
+    ax.plot(curves["k"], [np.nan if y is None else y for y in ys], marker=".", label=case)
+  _percent_axes(ax, "k", "CMC top-k (%)")
+  _finish(plt, fig, ax, "CMC curves (query model / gallery model)", path, "lower right")
+
+
+def plot_cases(results: Mapping, path: str):
+  """The case table as grouped bars (top-1, top-5, mAP), with the paper's top-1 as markers when named."""
+  plt = _plt()
+  cases = results["cases"]
+  names = list(cases)
+  x = np.arange(len(names))
+  metrics = [("cmc_top1", "CMC top-1"), ("cmc_top5", "CMC top-5"), ("mAP", "mAP@1.0")]
+  w = 0.8 / len(metrics)
+  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+  for i, (key, label) in enumerate(metrics):
+    ys = [np.nan if cases[c].get(key) is None else cases[c][key] for c in names]
+    ax.bar(x + (i - 1) * w, ys, w, label=label)
+  paper = (results.get("paper") or {}).get("rows") or {}
+  if paper:
+    px = [i for i, c in enumerate(names) if c in paper]
+    ax.scatter([x[i] - w for i in px], [paper[names[i]][0] for i in px], marker="_", s=200, color="k",
+               zorder=3, label=f"paper top-1 ({results['paper']['table']})")
+  ax.set_xticks(x)
+  ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("%")
+  ax.set_ylim(0, 100)
+  _finish(plt, fig, ax, "retrieval cases (query model / gallery model)", path)
+
+
+def plot_backfill(results: Mapping, path: str):
+  """CMC top-1 and mAP against the backfilled fraction, with new/new as a reference line."""
+  plt = _plt()
+  bf = results["backfill"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  fr = [100 * f for f in bf["fractions"]]
+  for key, label in (("cmc_top1", "CMC top-1"), ("mAP", "mAP")):
+    auc = bf["auc"].get(key)
+    auc_s = f"{auc:.1f}" if auc is not None and np.isfinite(auc) else "n/a"  # n/a: every query skipped
+    ax.plot(fr, bf[key], marker="o", label=f"{label} (AUC {auc_s})")
+  nn = results["cases"].get("new/new", {}).get("cmc_top1")
+  if nn is not None:
+    ax.axhline(nn, color="gray", ls="--", lw=0.8, label="new/new top-1")
+  _percent_axes(ax, f"gallery backfilled with φ_new (%, {bf['order']} order)", "%")
+  _finish(plt, fig, ax, "partial backfilling: new queries vs h → φ_new gallery", path, "lower right")
+
+
+def plot_compatibility(results: Mapping, path: str):
+  """The compatibility matrix as a heat map (CMC top-1 %; blank where a pair was not evaluated)."""
+  plt = _plt()
+  comp = results["compatibility"]
+  vals = np.array([[np.nan if v is None else v for v in row] for row in comp["values"]], dtype=float)
+  fig, ax = plt.subplots(figsize=(1.2 * len(comp["galleries"]) + 2, 0.6 * len(comp["queries"]) + 1.6))
+  im = ax.imshow(vals, vmin=0, vmax=100, cmap="viridis")
+  for i in range(vals.shape[0]):
+    for j in range(vals.shape[1]):
+      if not np.isnan(vals[i, j]):
+        ax.text(j, i, f"{vals[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                color="w" if vals[i, j] < 60 else "k")
+  ax.set_xticks(range(len(comp["galleries"])))
+  ax.set_xticklabels(comp["galleries"], rotation=30, ha="right", fontsize=8)
+  ax.set_yticks(range(len(comp["queries"])))
+  ax.set_yticklabels(comp["queries"], fontsize=8)
+  ax.set_xlabel("gallery model")
+  ax.set_ylabel("query model")
+  fig.colorbar(im, ax=ax, label=f"{comp['metric']} (%)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_all(results: Mapping, out_dir: str) -> list[str]:
+  """Draws every plot the results allow into ``out_dir``; returns their file names (relative to it)."""
+  drawn = []
+  todo = [("cmc", plot_cmc, results.get("cmc_curves")), ("cases", plot_cases, results.get("cases")),
+          ("backfill", plot_backfill, results.get("backfill")),
+          ("compatibility", plot_compatibility, results.get("compatibility"))]
+  for key, fn, needed in todo:
+    if needed:
+      fn(results, os.path.join(out_dir, PLOTS[key]))
+      drawn.append(PLOTS[key])
+  if results.get("cost") and "rows" in results["cost"]:
+    cost_lib.save(results["cost"], out_dir)  # cost.json + cost.png (Figure 3's two panels)
+    drawn.append("cost.png")
+  return drawn
