@@ -63,7 +63,7 @@ from benchmarks.bench_io import write_json  # noqa: E402
 from configs import imagenet  # noqa: E402
 from fct_jax import artifacts, checkpoint, optim, sharding, train_lib, train_steps  # noqa: E402
 from fct_jax.gallery import cost  # noqa: E402
-from fct_jax.data import sources  # noqa: E402
+from fct_jax.data import pipeline, sources  # noqa: E402
 from fct_jax.retrieval import cases as cases_lib  # noqa: E402
 from fct_jax.stages import common, transformation  # noqa: E402
 
@@ -255,7 +255,7 @@ def _interleaved(cfgs, tasks, base, ctx, b, views, per_call, paper_batch, paper_
     rows = views * paper_batch
     feats = {k: rng.normal(size=(rows,) + np.shape(v)[1:]).astype(np.float32) for k, v in ca_task.arrays.items()}
     big_task = dataclasses.replace(ca_task, arrays=feats,
-                                   indices=transformation.cached_indices(rows, batch_size=paper_batch, seed=0))
+                                   indices=pipeline.row_indices(rows, batch_size=paper_batch, seed=0))
     big_step, big_init, big_call, big_arrays, big_vec = cached_setup(paper_batch, big_task)
     flops["cached_step_paper_batch"] = _flops(jax.jit(big_step).lower(jax.eval_shape(big_init), None, big_vec))
     idx_p = jax.device_put(np.asarray(big_task.indices(0, paper_per_call), np.int32), repl)

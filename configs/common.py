@@ -99,7 +99,7 @@ def side_info_stage(name: str, **fields):
 
   ``method``: simclr | autoencoder | alt_old | alt_old_mixup (see ``fct_jax/stages/side_info.py``). The width of
   ψ is ``model.embedding_dim``. ``simclr`` uses the ``simclr`` block (projection head, temperature, two-view
-  augmentation ``views``: keyword arguments of ``augment.simclr_view``); the others use ``augment`` (a train
+  augmentation ``views``: keyword arguments of ``simclr_views.simclr_view``); the others use ``augment`` (a train
   transform), ``loss`` and ``mixup.alpha``. ``input_norm="image"`` standardises every input image by its own mean
   and standard deviation inside ψ (for every method, in training and wherever ψ is computed later).
   """

@@ -16,7 +16,7 @@ the direct h13 row, both well above their ``[none]`` twins.
 
 import ml_collections
 
-from configs import common
+from configs import common, demo
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -40,19 +40,16 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     h_model = ml_collections.ConfigDict({"name": "fct_mlp", "inner_dim": 256})
     tr = lambda opt, epochs: common.train(batch_size=128, epochs=epochs, optimizer_cfg=opt, log_every_steps=50,
                                           checkpoint_every_steps=200)
-    bb_epochs, h_epochs, side_epochs = 8, 8, 18  # SimCLR: 18 epochs, as in configs/demo.py (issue #5)
+    bb_epochs, h_epochs, side_epochs = 8, 8, demo.SIMCLR_EPOCHS
     eval_bs, h_views = 500, 4
 
-  # The demo's recipes (configs/demo.py): momentum SGD for backbones and SimCLR, Adam for h and g; SimCLR's ψ
-  # standardises each image itself (input_norm="image") and its views get a per-channel gamma in [1/2, 2].
-  sgd = lambda: common.optimizer("momentum", 0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=1)
-  adam = lambda: common.optimizer("adam", 1e-3, weight_decay=3.0517578125e-5, warmup_epochs=1)
-  views = {"crop_scale": (0.5, 1.0), "jitter_strength": 1.0, "max_hue": 0.5, "rotation": 180.0, "gamma": 2.0}
+  # The demo's recipes (configs/demo.py): momentum SGD for backbones and SimCLR, Adam for h and g, its SimCLR.
+  sgd, adam = demo.sgd, demo.adam
   stages = common.sequence_stages(
       data=data, splits=("old_train", "train_4", "new_train"), backbone_model=model, side_model=model,
       h_model=h_model, backbone_train=lambda i: tr(sgd(), bb_epochs), side_train=lambda i: tr(sgd(), side_epochs),
       h_train=lambda name: tr(adam(), h_epochs),
-      side_kwargs=dict(temperature=0.2, views=views, input_norm="image", **side_kw),
+      side_kwargs=dict(**demo.SIMCLR, **side_kw),
       h_kwargs=dict(feature_mode="cached", augment="pad_crop_flip", cache_views=h_views),
       eval_batch_size=eval_bs)
   return common.experiment("demo_sequence", stages, a.stage)

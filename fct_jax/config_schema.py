@@ -10,10 +10,9 @@ A field added later gets its default here (and :data:`SCHEMA_VERSION` goes up): 
 ``config.json`` fills the field with the value its absence meant, so an old workdir still matches a config that
 spells the default out. That value must therefore be what the code did before the field existed.
 
-Two kinds of block are not checked field by field: ``model`` (the keyword arguments of a Flax module, whose defaults
+One kind of block is not checked field by field: ``model`` (the keyword arguments of a Flax module, whose defaults
 live in the module; only ``head`` of a classifier's model is filled here, because the stage checks it against the
-loss) and ``simclr.views`` (keyword arguments of ``augment.simclr_view``; the defaults below are filled, any other
-of its arguments may be added). The config files import this module, so it imports neither jax nor numpy.
+loss). The config files import this module, so it imports neither jax nor numpy.
 """
 
 import copy
@@ -65,6 +64,12 @@ TRAIN = {"batch_size": Required(int), "epochs": Required(float), "steps": 0, "op
 # ArcFace's s = 64, m = 0.5; ``kind`` "arcface" needs ``model.head="arcface"`` (the stage refuses a mismatch).
 LOSS = {"kind": "softmax", "label_smoothing": 0.1, "arcface_scale": 64.0, "arcface_margin": 0.5}
 
+# SimCLR's two-view augmentation (``simclr.views``; fct_jax.data.simclr_views.simclr_view documents each): the
+# SimCLR paper's CIFAR recipe (jitter strength 0.5, no blur); ``out_size`` 0 keeps the image size, ``max_hue`` < 0
+# means 0.2 × the jitter strength, ``rotation`` (degrees) and ``gamma`` (≥ 1) are ours, off by default.
+SIMCLR_VIEWS = {"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5, "jitter_prob": 0.8,
+                "grayscale_prob": 0.2, "blur_prob": 0.0, "rotation": 0.0, "max_hue": -1.0, "gamma": 1.0}
+
 CLASSIFIER_MODEL = Free({"name": Required(str), "head": "linear"})
 MODEL = Free({"name": Required(str)})
 
@@ -95,8 +100,7 @@ KINDS = {
         _TRAINED, method="simclr", input_norm="none", loss=LOSS, mixup={"alpha": 0.2}, eval_split="",
         simclr={"projection": {"hidden_dim": 2048, "out_dim": 128, "num_layers": 2}, "temperature": 0.1,
                 "augment": "simclr",
-                "views": Free({"out_size": 0, "crop_scale": (0.08, 1.0), "flip": True, "jitter_strength": 0.5,
-                               "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.0})}),
+                "views": SIMCLR_VIEWS}),
     "transformation": dict(_TRAINED, old="old", new="new", side_info={"kind": "none", "dim": 0, "stage": ""},
                            bn_eval_after=0.5, feature_mode="online", cache_views=1),
     "evaluation": dict(_COMMON, old="old", new="new", bct="", transformation="transformation",

@@ -49,8 +49,8 @@ def place(module: str):
   return None
 
 
-def _module_name(path: str) -> str:
-  rel = os.path.relpath(path, os.path.dirname(ROOT))[:-len(".py")].replace(os.sep, ".")
+def _module_name(path: str, root: str) -> str:
+  rel = os.path.relpath(path, os.path.dirname(root))[:-len(".py")].replace(os.sep, ".")
   return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
 
 
@@ -69,7 +69,7 @@ def read_imports(root: str = ROOT):
   for d, _, names in os.walk(root):
     for n in names:
       if n.endswith(".py"):
-        files[_module_name(os.path.join(d, n))] = os.path.join(d, n)
+        files[_module_name(os.path.join(d, n), root)] = os.path.join(d, n)
   out = {}
   for module, path in files.items():
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
@@ -89,6 +89,16 @@ def read_imports(root: str = ROOT):
         continue
       edges += [(t, node.lineno, id(node) in in_function) for t in targets]
     out[module] = edges
+  # Importing ``a.b.c`` from outside ``a.b`` first runs ``a/b/__init__.py``: that is an import of ``a.b`` too
+  # (an ``__init__`` that imports its sub-modules can close a cycle through any of them).
+  for module, edges in out.items():
+    implied = []
+    for target, line, function_level in edges:
+      parent = target.rpartition(".")[0]
+      while parent in files and parent != "fct_jax" and not (module + ".").startswith(parent + "."):
+        implied.append((parent, line, function_level))
+        parent = parent.rpartition(".")[0]
+    edges += implied
   return out
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from configs import common as cfg_common
 from configs import demo
-from fct_jax import artifacts, checkpoint, experiment, sharding, train_lib
-from fct_jax.data import image_spec, resizing, shapes, simclr_views, sources
+from fct_jax import artifacts, checkpoint, config_schema, experiment, sharding, train_lib
+from fct_jax.data import augment, image_spec, resizing, shapes, simclr_views, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import side_info
 
@@ -32,9 +32,8 @@ def _example(i=0, size=16):
 @pytest.mark.parametrize("kw", [{}, VIEWS, {"blur_prob": 1.0, "out_size": 12}])
 def test_two_views_differ_and_are_deterministic(kw):
   ex = _example()
-  a = simclr_views.simclr_two_views(ex, np.random.default_rng(3), spec=SMALL, **kw)
-  b = simclr_views.simclr_two_views(ex, np.random.default_rng(3), spec=SMALL, **kw)
-  c = simclr_views.simclr_two_views(ex, np.random.default_rng(4), spec=SMALL, **kw)
+  views = augment.two_view_transform("simclr", SMALL, **kw)  # kw over the stage config's default views
+  a, b, c = (views(ex, np.random.default_rng(seed)) for seed in (3, 3, 4))
   size = kw.get("out_size") or 16
   assert set(a) == {"view1", "view2", "label"}  # the raw image is dropped, labels pass through
   for v in ("view1", "view2"):
@@ -62,7 +61,8 @@ def test_gamma_view_is_a_per_channel_power():
   x = ex["image"].astype(np.float32) / 255.0
 
   def view(seed, gamma):  # the view in [0, 1]: normalisation undone
-    v = simclr_views.simclr_view(ex["image"], np.random.default_rng(seed), spec=SMALL, gamma=gamma, **plain)
+    views = dict(config_schema.SIMCLR_VIEWS, spec=SMALL, gamma=gamma, **plain)
+    v = simclr_views.simclr_view(ex["image"], np.random.default_rng(seed), **views)
     return v * np.float32(SMALL.std) + np.float32(SMALL.mean)
 
   # gamma=1 (the default) and no other change: the view is the image itself, normalised.
@@ -221,8 +221,8 @@ def test_input_norm_makes_psi_invariant_to_affine_intensity(upstream):
   v = plain.init(jax.random.key(0), x)
   assert not np.allclose(plain.apply(v, x)["embedding"], plain.apply(v, 2.5 * x + 0.7)["embedding"], atol=1e-3)
   cfg.input_norm = "channel"
-  with pytest.raises(FCTError, match="unknown input_norm 'channel'"):
-    artifacts.build_side_model(cfg)
+  with pytest.raises(FCTError, match="unknown input_norm 'channel'"):  # refused when the config is resolved
+    config_schema.resolve(cfg)
 
 
 def test_side_info_stage_input_norm_argument():

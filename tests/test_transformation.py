@@ -14,7 +14,7 @@ import pytest
 
 from configs import cifar100_sequence, demo, demo_sequence, imagenet_sequence
 from fct_jax import checkpoint, config_schema, experiment, sharding, train_lib
-from fct_jax.data import sources
+from fct_jax.data import pipeline, sources
 from fct_jax.errors import FCTError, NonFiniteError
 from fct_jax import artifacts
 from fct_jax.stages import backbone, transformation
@@ -286,7 +286,7 @@ def _vector_task(rows, *, nan_from=None):
 
   return train_lib.Task(name="vec", init=lambda rng, batch: {"params": {"w": jnp.zeros((3,))}}, loss=loss,
                         transform=lambda ex, rng: ex, arrays={"x": x},
-                        indices=transformation.cached_indices(rows, batch_size=8, seed=0))
+                        indices=pipeline.row_indices(rows, batch_size=8, seed=0))
 
 
 def _vector_cfg(**train):

@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from fct_jax import config_schema
 from fct_jax.data import photos, resizing, simclr_views, sources
 from fct_jax.data.image_spec import ImageSpec
 from fct_jax.errors import FCTError
@@ -99,11 +100,13 @@ def eval_transform(name: str, data_cfg) -> Callable:
 
 def two_view_transform(name: str, data_cfg, **view_kwargs) -> Callable:
   """The two-view transform ``fn(example, rng) -> {view1, view2, ...}`` named ``name``, for the dataset of
-  ``data_cfg``, with the view options ``view_kwargs`` (keyword arguments of :func:`simclr_views.simclr_view`).
+  ``data_cfg``, with the view options ``view_kwargs`` (keyword arguments of :func:`simclr_views.simclr_view`; those
+  not given are the stage config's defaults, ``config_schema.SIMCLR_VIEWS``).
 
   View options the dataset's resize cannot do (a rotation with PIL) are refused here, before any data is read.
   """
   fn = _lookup(TWO_VIEW_TRANSFORMS, name)
   spec = _spec(data_cfg)
-  simclr_views.check_rotation(spec, view_kwargs.get("rotation", 0.0))
-  return functools.partial(fn, spec=spec, **view_kwargs)
+  views = {**config_schema.SIMCLR_VIEWS, **view_kwargs}
+  simclr_views.check_rotation(spec, views["rotation"])
+  return functools.partial(fn, spec=spec, **views)

@@ -86,3 +86,29 @@ def eval_batches(source, *, global_batch_size: int, transform: Callable, keys=("
 
 def to_global(local_batch, mesh):
   return sharding.host_to_global(local_batch, mesh)
+
+
+def row_indices(num_rows: int, *, batch_size: int, seed: int):
+  """``indices(start_step, num_steps) -> [num_steps, batch_size]`` (``train_lib.Task.indices``, for data held as
+  arrays, e.g. the transformation's cached features): global step s takes positions ``[s·B, (s+1)·B)`` of a stream
+  of per-epoch permutations of the ``num_rows`` rows (like :func:`train_batches`). A pure function of the step, so
+  resume is exact."""
+  perms = {}
+
+  def perm(epoch):
+    if epoch not in perms:
+      if len(perms) > 2:
+        perms.clear()
+      perms[epoch] = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
+    return perms[epoch]
+
+  def indices(start_step, num_steps):
+    pos = start_step * batch_size + np.arange(num_steps * batch_size, dtype=np.int64)
+    epoch, within = pos // num_rows, pos % num_rows
+    idx = np.empty(len(pos), np.int64)
+    for e in np.unique(epoch):
+      sel = epoch == e
+      idx[sel] = perm(e)[within[sel]]
+    return idx.reshape(num_steps, batch_size)
+
+  return indices

@@ -79,10 +79,9 @@ def _crop_to_unit(image, box, out: int, rng: np.random.Generator, spec: ImageSpe
   return resizing.resize_bilinear(img, box, out, out)
 
 
-def simclr_view(image, rng: np.random.Generator, *, spec: ImageSpec, out_size: int = 0, crop_scale=(0.08, 1.0),
-                flip: bool = True, jitter_strength: float = 0.5, jitter_prob: float = 0.8,
-                grayscale_prob: float = 0.2, blur_prob: float = 0.0, rotation: float = 0.0,
-                max_hue: float = -1.0, gamma: float = 1.0) -> np.ndarray:
+def simclr_view(image, rng: np.random.Generator, *, spec: ImageSpec, out_size: int, crop_scale, flip: bool,
+                jitter_strength: float, jitter_prob: float, grayscale_prob: float, blur_prob: float,
+                rotation: float, max_hue: float, gamma: float) -> np.ndarray:
   """One SimCLR view of an image → normalised float32 [S, S, 3] (S = out_size or the image height).
 
   SimCLR (Chen et al. 2020, appendix A): random resized crop, horizontal flip, colour jitter with strength s

@@ -243,3 +243,20 @@ def get_source(data_cfg, split: str):
   if info.num_examples == 0:
     raise FCTError(f"dataset {name!r} split {split!r} is empty")
   return src, info
+
+
+class AugmentedViews:
+  """Random-access source of ``views`` augmented copies of every example: index ``k·N + i`` is view k of image i.
+
+  Each view's randomness is a fixed function of (seed, k, i), so a recomputation gives the same features.
+  """
+
+  def __init__(self, source, transform: Callable, views: int, seed: int):
+    self.source, self.transform, self.views, self.seed = source, transform, int(views), int(seed)
+
+  def __len__(self):
+    return self.views * len(self.source)
+
+  def __getitem__(self, j):
+    k, i = divmod(int(j), len(self.source))
+    return self.transform(self.source[i], np.random.default_rng([self.seed, k, i]))

@@ -14,11 +14,12 @@ The paper's side-information kinds (§5.1, Table 6), selected by ``cfg.method``:
 ``split = new_train`` (its images, still without labels). The side-information width is ``cfg.model.embedding_dim``.
 
 ``cfg.input_norm = "image"`` (optional; default ``"none"``) standardises every input image by its own mean and
-standard deviation inside ψ (:class:`fct_jax.models.composite.InputStandardized`, like ``tf.image.per_image_standardization``), in training
-and wherever ψ is computed later, so that ψ is exactly invariant to global affine intensity changes. On the demo's
-shapes this matters: a freshly initialised CNN's features mostly follow the background level, which SimCLR's
-affine brightness/contrast jitter does not teach away, and without it ψ ended up encoding the background and the
-shape/background contrast far more than the shapes (configs/demo.py has the numbers).
+standard deviation inside ψ (:class:`fct_jax.models.composite.InputStandardized`, like
+``tf.image.per_image_standardization``), in training and wherever ψ is computed later, so that ψ is exactly
+invariant to global affine intensity changes. On the demo's shapes this matters: a freshly initialised CNN's
+features mostly follow the background level, which SimCLR's affine brightness/contrast jitter does not teach away,
+and without it ψ ended up encoding the background and the shape/background contrast far more than the shapes
+(docs/performance.md has the numbers).
 
 The stage writes ``model/`` (all trained variables, projection head included) and ``config.json`` like every
 stage; :func:`fct_jax.artifacts.load_side_info` rebuilds the ψ network from them (and

@@ -37,7 +37,7 @@ from etils import epath
 from flax.core import unfreeze
 
 from fct_jax import artifacts, checkpoint, losses, sharding, train_lib
-from fct_jax.data import augment, sources
+from fct_jax.data import augment, pipeline, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common
 
@@ -104,23 +104,6 @@ def check_feature_dims(cfg, feats: Dict[str, np.ndarray], dims: Dict[str, int], 
 # ------------------------------------------------------------------------------------------- cached features
 
 
-class AugmentedViews:
-  """Random-access source of ``views`` augmented copies of every example: index ``k·N + i`` is view k of image i.
-
-  Each view's randomness is a fixed function of (seed, k, i), so a recomputation gives the same features.
-  """
-
-  def __init__(self, source, transform: Callable, views: int, seed: int):
-    self.source, self.transform, self.views, self.seed = source, transform, int(views), int(seed)
-
-  def __len__(self):
-    return self.views * len(self.source)
-
-  def __getitem__(self, j):
-    k, i = divmod(int(j), len(self.source))
-    return self.transform(self.source[i], np.random.default_rng([self.seed, k, i]))
-
-
 def _save_npy(path: str, arr: np.ndarray):
   buf = io.BytesIO()
   np.save(buf, arr)
@@ -150,7 +133,7 @@ def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[st
     print(f"[{cfg.name}] reusing {len(feats['old'])} cached feature rows from {fdir}", flush=True)
     return feats
   t0 = time.perf_counter()
-  views_source = AugmentedViews(source, augment.train_transform(cfg.augment, cfg.data), views, int(cfg.seed) + 101)
+  views_source = sources.AugmentedViews(source, augment.train_transform(cfg.augment, cfg.data), views, int(cfg.seed) + 101)
   feats = train_lib.predict(lambda v, b: dict(zip(FEATURE_KEYS, frozen.apply(v, b["image"]))), frozen.variables,
                             views_source, batch_size=artifacts.eval_batch_size(cfg, ctx.mesh),
                             transform=lambda ex: ex, mesh=ctx.mesh)
@@ -174,31 +157,6 @@ def _cached_meta_matches(meta_path: str, meta: dict) -> bool:
     return False
   held = checkpoint.read_json(meta_path)
   return {k: held.get(k) for k in meta} == meta
-
-
-def cached_indices(num_rows: int, *, batch_size: int, seed: int):
-  """``indices(start_step, num_steps) -> [num_steps, batch_size]`` for :class:`train_lib.Task`: global step s takes
-  positions ``[s·B, (s+1)·B)`` of a stream of per-epoch permutations of the ``num_rows`` feature rows (like the
-  grain pipeline). A pure function of the step, so resume is exact."""
-  perms = {}
-
-  def perm(epoch):
-    if epoch not in perms:
-      if len(perms) > 2:
-        perms.clear()
-      perms[epoch] = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
-    return perms[epoch]
-
-  def indices(start_step, num_steps):
-    pos = start_step * batch_size + np.arange(num_steps * batch_size, dtype=np.int64)
-    epoch, within = pos // num_rows, pos % num_rows
-    idx = np.empty(len(pos), np.int64)
-    for e in np.unique(epoch):
-      sel = epoch == e
-      idx[sel] = perm(e)[within[sel]]
-    return idx.reshape(num_steps, batch_size)
-
-  return indices
 
 
 # ------------------------------------------------------------------------------------------------- the stage
@@ -242,7 +200,7 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context):
     train_source = sources.ArraySource({"index": np.arange(len(source))})
     batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
     task_kw = dict(frozen=None, transform=lambda ex, rng: ex, arrays=feats,
-                   indices=cached_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
+                   indices=pipeline.row_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
   else:
     train_source = source
     batch_features = lambda frz, batch: frozen.apply(frz, batch["image"])
