@@ -178,13 +178,16 @@ def fct_plan(*, data, old_model, new_model, backbone, side_info, transformation,
 
 
 def experiment(name: str, stages: Sequence[ml_collections.ConfigDict], stage: str = ""):
-  """The plan: ``experiment``, ``plan`` (stage names in order), ``stages`` (resolved) and ``stage`` (``""``: the
-  whole plan; a stage name: that stage alone). Overrides are ``--config.stages.NAME.FIELD=VALUE`` either way."""
+  """The plan: ``experiment``, ``plan`` (stage names in order), ``stages`` (resolved), ``stage`` (``""``: the
+  whole plan; a stage name: that stage alone) and the experiment-level fields of ``config_schema.EXPERIMENT``
+  (``seeds``: ``--config.seeds=3`` runs the plan for 3 seed sets). Overrides are ``--config.stages.NAME.FIELD=VALUE``
+  either way."""
   by_name = {s.name: config_schema.resolve(s) for s in stages}
   if stage and stage not in by_name:
     raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(by_name)}")
   return ml_collections.ConfigDict({"experiment": name, "stage": stage, "plan": list(by_name),
-                                    "stages": {k: v.to_dict() for k, v in by_name.items()}})
+                                    "stages": {k: v.to_dict() for k, v in by_name.items()},
+                                    **config_schema.EXPERIMENT})
 
 
 def sequence_evaluation_stage(name: str, *, rows, **fields):

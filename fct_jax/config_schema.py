@@ -22,7 +22,7 @@ import ml_collections
 
 from fct_jax.errors import FCTError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the evaluation stage's ``orderings``
 
 # The values of the fields with a fixed set of them (the library imports these: config files import only this module,
 # so that no jax is imported at config time). ``CLASSIFIER_METHODS``: the side-information methods that train a
@@ -94,6 +94,11 @@ _TRAINED = dict(_COMMON, seed=Required(int), model=MODEL, train=TRAIN, augment="
 # and the backfilled fractions of the partial-backfilling curve.
 REPORT = {"max_k": 20, "backfill_fractions": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}
 
+# Experiment-level fields (beside ``experiment``, ``plan``, ``stages``, ``stage``; not stage fields): ``seeds``, how
+# many seed sets the plan runs (1: the plan as written; N > 1: once per seed set in WORKDIR/seed_<i>/, then the
+# combined report; fct_jax.experiment).
+EXPERIMENT = {"seeds": 1}
+
 KINDS = {
     "backbone": dict(_TRAINED, model=CLASSIFIER_MODEL, loss=LOSS, bct={"old": "", "weight": 1.0}, eval_split=""),
     "side_info": dict(
@@ -103,8 +108,10 @@ KINDS = {
                 "views": SIMCLR_VIEWS}),
     "transformation": dict(_TRAINED, old="old", new="new", side_info={"kind": "none", "dim": 0, "stage": ""},
                            bn_eval_after=0.5, feature_mode="online", cache_views=1),
+    # ``orderings``: claims "case_a > case_b" on CMC top-1 that the multi-seed report checks seed by seed.
     "evaluation": dict(_COMMON, old="old", new="new", bct="", transformation="transformation",
-                       compare_transformations=[], probe_fields=["label"], paper_table="", report=REPORT),
+                       compare_transformations=[], probe_fields=["label"], paper_table="", report=REPORT,
+                       orderings=[]),
     # ``transformation``: the stage whose update cost the report shows ("" for none: a sequence has several).
     "sequence_evaluation": dict(_COMMON, backbones=Required(list), rows=Required(list), report=REPORT,
                                 paper_table="", transformation=""),

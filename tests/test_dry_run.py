@@ -27,7 +27,7 @@ def no_data(monkeypatch):
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n in CONFIGS for a in ("", "runlocal", "ablation")
-                                      # digits: no side-info stages; the sequences: no ablation variant
+                                      # digits and the sequences: no ablation variant
                                       if not (n in ("digits", "demo_sequence", "cifar100_sequence")
                                               and a == "ablation")])
 def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):

@@ -11,8 +11,11 @@ the compatibility matrix of update sequences); ``experiment.run`` then calls :fu
 and renders. Everything lands in ``results.json`` first; ``results.md`` and the plots are rendered from that
 dictionary alone, so ``python -m fct_jax.report --workdir DIR`` redraws them later (see ``__main__.py``).
 
+A multi-seed plan (``--config.seeds=N``) gets a combined report over its seed sets' reports (`seeds`: mean ± sample
+sd, the orderings that hold in each seed).
+
 Modules: `paper` (the paper's tables as data), `assemble` (the results dictionary; :func:`write`), `render`
-(Markdown, files, the README block), `plots`.
+(Markdown, files, the README block), `plots`, `seeds` (the multi-seed report).
 """
 
 from fct_jax.report.assemble import build, write
@@ -20,7 +23,9 @@ from fct_jax.report.paper import PAPER_CKA, PAPER_SIDE_INFO, PAPER_TABLES, paper
 from fct_jax.report.plots import plot_all
 from fct_jax.report.render import RESULTS_JSON, RESULTS_MD, case_table, markdown, readme_block, rerender
 from fct_jax.report.render import update_readme, write_files
+from fct_jax.report.seeds import parse_ordering
+from fct_jax.report.seeds import write as write_seeds
 
 __all__ = ["build", "write", "PAPER_TABLES", "PAPER_CKA", "PAPER_SIDE_INFO", "paper_rows", "plot_all",
            "RESULTS_JSON", "RESULTS_MD", "case_table", "markdown", "readme_block", "rerender", "update_readme",
-           "write_files"]
+           "write_files", "parse_ordering", "write_seeds"]

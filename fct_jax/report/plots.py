@@ -70,6 +70,26 @@ def plot_cases(results: Mapping, path: str):
   _finish(plt, fig, ax, "retrieval cases (query model / gallery model)", path)
 
 
+def plot_cases_sd(results: Mapping, path: str):
+  """A multi-seed report's case table (``report/seeds.py``) as grouped bars of the means with ± sd error bars."""
+  plt = _plt()
+  cases = results["cases"]
+  names = list(cases)
+  x = np.arange(len(names))
+  metrics = [("cmc_top1", "CMC top-1"), ("cmc_top5", "CMC top-5"), ("mAP", "mAP@1.0")]
+  w = 0.8 / len(metrics)
+  nan = lambda v: np.nan if v is None else v
+  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+  for i, (key, label) in enumerate(metrics):
+    ax.bar(x + (i - 1) * w, [nan(cases[c][key]["mean"]) for c in names], w,
+           yerr=[nan(cases[c][key]["sd"]) for c in names], capsize=2, label=label)
+  ax.set_xticks(x)
+  ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("% (mean ± sd over seeds)")
+  ax.set_ylim(0, 100)
+  _finish(plt, fig, ax, f"retrieval cases over {len(results['seed_dirs'])} seed sets (query / gallery model)", path)
+
+
 def plot_backfill(results: Mapping, path: str):
   """CMC top-1 and mAP against the backfilled fraction, with new/new as a reference line."""
   plt = _plt()
