@@ -65,8 +65,15 @@ def test_two_seed_demo_end_to_end(tmp_path, capsys):
   assert (wd / "results.json").read_text() == before
   assert sorted(p.rsplit("/", 1)[-1] for p in seeds_report.rerender(str(wd))) == [
       "cases.png", "results.json", "results.md"]
-  with pytest.raises(FCTError, match="multi-seed report"):
-    seeds_report.rerender(str(wd), readme=str(tmp_path / "README.md"))
+  # The README's block of the experiment ("demo") becomes the mean ± sd table; a README without it is refused.
+  readme = tmp_path / "README.md"
+  readme.write_text("x\n<!-- demo-results:start -->\nstale table\n<!-- demo-results:end -->\ny\n")
+  seeds_report.rerender(str(wd), readme=str(readme), source_name="/tmp/d")
+  text = readme.read_text()
+  assert "stale table" not in text and " ± " in text and "2 seed sets" in text and "--workdir /tmp/d" in text
+  readme.write_text("no markers\n")
+  with pytest.raises(FCTError, match="no <!-- demo-results:start -->"):
+    seeds_report.rerender(str(wd), readme=str(readme))
 
 
 def test_one_seed_plan_is_unchanged(tmp_path):

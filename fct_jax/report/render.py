@@ -17,7 +17,8 @@ from fct_jax.report import plots as plots_lib
 
 # File names inside the experiment workdir.
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
-README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+# The README block of an experiment's results: between these markers, named by the experiment (``demo``, ``digits``).
+README_MARKERS = "<!-- {}-results:start -->", "<!-- {}-results:end -->"
 
 
 def fmt(x, digits: int = 1) -> str:
@@ -176,12 +177,22 @@ def readme_block(results: Mapping, source: str = "") -> str:
   return "\n".join(lines)
 
 
-def update_readme(readme: str, block: str) -> str:
-  """Replaces the text between the demo-results markers of ``readme`` (a string) with ``block``."""
-  start, end = readme.find(README_START), readme.find(README_END)
+def update_readme(readme: str, block: str, experiment: str = "demo") -> str:
+  """Replaces the text between the ``<experiment>-results`` markers of ``readme`` (a string) with ``block``."""
+  first, last = (m.format(experiment) for m in README_MARKERS)
+  start, end = readme.find(first), readme.find(last)
   if start < 0 or end < start:
-    raise FCTError(f"README has no {README_START} … {README_END} block to update")
-  return readme[:start + len(README_START)] + "\n" + block + "\n" + readme[end:]
+    raise FCTError(f"README has no {first} … {last} block to update")
+  return readme[:start + len(first)] + "\n" + block + "\n" + readme[end:]
+
+
+def write_readme(readme: str, block: str, experiment: str):
+  """Rewrites the README file ``readme``'s results block of ``experiment`` with ``block``."""
+  with open(readme) as f:
+    text = f.read()
+  text = update_readme(text, block, experiment or "demo")
+  with open(readme, "w") as f:
+    f.write(text)
 
 
 def rerender(workdir: str, readme: str = "", source_name: str = "") -> list[str]:
@@ -203,10 +214,6 @@ def rerender(workdir: str, readme: str = "", source_name: str = "") -> list[str]
     raise FCTError(f"{path} has no report sections; rerun the evaluation stage with this version of fct_jax")
   written = write_files(results, workdir)
   if readme:
-    with open(readme) as f:
-      text = f.read()
-    text = update_readme(text, readme_block(results, source_name or workdir))
-    with open(readme, "w") as f:
-      f.write(text)
+    write_readme(readme, readme_block(results, source_name or workdir), results.get("experiment", ""))
     written.append(readme)
   return written
