@@ -307,15 +307,20 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str) -> list:
   print(f"dry run: {n} seed sets of experiment {config.experiment!r}, each a full plan in {workdir}/seed_<i>/ "
         f"(i = 0…{n - 1}; stage seeds + {SEED_OFFSET}·i, seed_0 = the plan's own seeds), then the combined report "
         f"(mean ± sample sd over seeds, orderings) in {workdir}")
-  try:
-    check_workdir(config, workdir)
-  except FCTError as e:
-    print(f"  the run would stop here: {e}")
+  _print_refusal(config, workdir)
   plan = []
   for i in range(n):
     rows = _dry_run_one(seed_set(config, i), seed_dir(workdir, i), full=i == 0)
     plan += [dict(r, seed_dir=f"seed_{i}") for r in rows]
   return plan
+
+
+def _print_refusal(config, workdir: str):
+  """What the real run would say of ``workdir`` (:func:`check_workdir`), printed rather than raised."""
+  try:
+    check_workdir(config, workdir)
+  except FCTError as e:
+    print(f"  the run would stop here: {e}")
 
 
 def _dry_run_one(config, workdir: str, *, full: bool) -> list:
@@ -324,10 +329,7 @@ def _dry_run_one(config, workdir: str, *, full: bool) -> list:
   validate_stages(todo)
   print(f"dry run: experiment {config.experiment!r}, {len(todo)} stage(s), workdir {workdir} "
         f"({'exists' if epath.Path(workdir).exists() else 'not created yet'}); nothing is trained or written")
-  try:
-    check_workdir(config, workdir)
-  except FCTError as e:
-    print(f"  the run would stop here: {e}")
+  _print_refusal(config, workdir)
   plan = []
   for i, (name, scfg) in enumerate(todo, 1):
     row, line = _dry_run_stage(i, name, scfg, workdir)

@@ -46,27 +46,39 @@ def plot_cmc(results: Mapping, path: str):
   _finish(plt, fig, ax, "CMC curves (query model / gallery model)", path, "lower right")
 
 
+_BAR_METRICS = (("cmc_top1", "CMC top-1"), ("cmc_top5", "CMC top-5"), ("mAP", "mAP@1.0"))
+
+
+def _nan(v):
+  return np.nan if v is None else v
+
+
+def _case_bars(plt, names, value, error=None):
+  """``(fig, ax, x, w)``: grouped bars (top-1, top-5, mAP) per case; ``value(case, metric)`` and the optional
+  ``error(case, metric)`` (error bars) give numbers or None."""
+  x, w = np.arange(len(names)), 0.8 / len(_BAR_METRICS)
+  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+  for i, (key, label) in enumerate(_BAR_METRICS):
+    bars = {} if error is None else {"yerr": [_nan(error(c, key)) for c in names], "capsize": 2}
+    ax.bar(x + (i - 1) * w, [_nan(value(c, key)) for c in names], w, label=label, **bars)
+  ax.set_xticks(x)
+  ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+  ax.set_ylim(0, 100)
+  return fig, ax, x, w
+
+
 def plot_cases(results: Mapping, path: str):
   """The case table as grouped bars (top-1, top-5, mAP), with the paper's top-1 as markers when named."""
   plt = _plt()
   cases = results["cases"]
   names = list(cases)
-  x = np.arange(len(names))
-  metrics = [("cmc_top1", "CMC top-1"), ("cmc_top5", "CMC top-5"), ("mAP", "mAP@1.0")]
-  w = 0.8 / len(metrics)
-  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
-  for i, (key, label) in enumerate(metrics):
-    ys = [np.nan if cases[c].get(key) is None else cases[c][key] for c in names]
-    ax.bar(x + (i - 1) * w, ys, w, label=label)
+  fig, ax, x, w = _case_bars(plt, names, lambda c, key: cases[c].get(key))
   paper = (results.get("paper") or {}).get("rows") or {}
   if paper:
     px = [i for i, c in enumerate(names) if c in paper]
     ax.scatter([x[i] - w for i in px], [paper[names[i]][0] for i in px], marker="_", s=200, color="k",
                zorder=3, label=f"paper top-1 ({results['paper']['table']})")
-  ax.set_xticks(x)
-  ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
   ax.set_ylabel("%")
-  ax.set_ylim(0, 100)
   _finish(plt, fig, ax, "retrieval cases (query model / gallery model)", path)
 
 
@@ -74,19 +86,9 @@ def plot_cases_sd(results: Mapping, path: str):
   """A multi-seed report's case table (``report/seeds.py``) as grouped bars of the means with ± sd error bars."""
   plt = _plt()
   cases = results["cases"]
-  names = list(cases)
-  x = np.arange(len(names))
-  metrics = [("cmc_top1", "CMC top-1"), ("cmc_top5", "CMC top-5"), ("mAP", "mAP@1.0")]
-  w = 0.8 / len(metrics)
-  nan = lambda v: np.nan if v is None else v
-  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
-  for i, (key, label) in enumerate(metrics):
-    ax.bar(x + (i - 1) * w, [nan(cases[c][key]["mean"]) for c in names], w,
-           yerr=[nan(cases[c][key]["sd"]) for c in names], capsize=2, label=label)
-  ax.set_xticks(x)
-  ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+  fig, ax, _, _ = _case_bars(plt, list(cases), lambda c, key: cases[c][key]["mean"],
+                             lambda c, key: cases[c][key]["sd"])
   ax.set_ylabel("% (mean ± sd over seeds)")
-  ax.set_ylim(0, 100)
   _finish(plt, fig, ax, f"retrieval cases over {len(results['seed_dirs'])} seed sets (query / gallery model)", path)
 
 
