@@ -117,9 +117,11 @@ def validate_stages(todo):
   for name, scfg in todo:
     if scfg.kind not in STAGE_KINDS:  # a kind of the schema without a stage implementation
       raise FCTError(f"stage {name!r} has unknown kind {scfg.kind!r}; valid: {', '.join(STAGE_KINDS)}")
-    if "paper_table" in scfg and scfg.paper_table and scfg.paper_table not in report.PAPER_TABLES:
-      raise FCTError(f"stage {name!r}: unknown paper_table {scfg.paper_table!r}; valid: "
-                     f"{', '.join(report.PAPER_TABLES)}")
+    if "paper_table" in scfg:
+      try:
+        report.check_table(scfg.paper_table)
+      except FCTError as e:
+        raise FCTError(f"stage {name!r}: {e}") from e
     classifier = scfg.kind == "backbone" or (scfg.kind == "side_info"
                                              and scfg.method in config_schema.CLASSIFIER_METHODS)
     if classifier:
@@ -163,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, mesh=None, stop_at_s
     print(f"[{name}] running stage kind {scfg.kind!r} in {stage_dir}", flush=True)
     finished = STAGE_KINDS[scfg.kind](scfg, stage_dir, ctx)
     if isinstance(finished, EvaluationResults):  # an evaluation stage: the experiment's report (process 0 writes)
-      report.write(workdir, finished, scfg)
+      report.write(workdir, finished, scfg, config.experiment)
     if not finished:
       print(f"[{name}] stopped before the end; rerun the same command to resume", flush=True)
       return ran

@@ -41,7 +41,6 @@ from fct_jax import checkpoint, optim, sharding, train_steps, writers
 from fct_jax import train_bookkeeping as bookkeeping
 from fct_jax.data import pipeline
 from fct_jax.errors import FCTError, Preempted
-# The device-resident arrays path's building blocks, defined with the runners and used through this module too.
 
 # On CPU, XLA cannot reuse donated buffers; the warning is noise there.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -111,9 +110,6 @@ def resolve_steps(train_cfg, num_examples: Optional[int]) -> Steps:
   if total <= 0:
     raise FCTError(f"training would run {total} steps; set train.epochs or train.steps > 0")
   return Steps(steps_per_epoch, total)
-
-
-# The former name; stages/transformation.py and benchmarks/ still call it.
 
 
 def prng_key(seed: int, impl: str = "rbg"):

@@ -203,9 +203,17 @@ def test_sequence_evaluation_loads_each_side_info_once_and_shares_hops(seq_run, 
   monkeypatch.setattr(artifacts, "load_side_info", lambda ctx, stage, by: loads.append(stage) or
                       real_load(ctx, stage, by))
 
+  class Counting:  # the loaded h or g, counting its applications
+    def __init__(self, fn, stage):
+      self.fn, self.stage, self.target_kind = fn, stage, fn.target_kind
+
+    def __call__(self, phi, psi):
+      applied.append(self.stage)
+      return self.fn(phi, psi)
+
   def counting_load_h(ctx, stage, *args, **kwargs):
     fn, *rest = real_load_h(ctx, stage, *args, **kwargs)
-    return (lambda phi, psi: applied.append(stage) or fn(phi, psi)), *rest
+    return Counting(fn, stage), *rest
   monkeypatch.setattr(artifacts, "load_h", counting_load_h)
   os.makedirs(tmp_path / "eval")
   from fct_jax.stages import sequence  # pylint: disable=g-import-not-at-top

@@ -19,13 +19,13 @@ Modules: `paper` (the paper's tables as data), `assemble` (the results dictionar
 """
 
 from fct_jax.report.assemble import build, write
-from fct_jax.report.paper import PAPER_CKA, PAPER_SIDE_INFO, PAPER_TABLES, paper_rows
+from fct_jax.report.paper import PAPER_CKA, PAPER_SIDE_INFO, PAPER_TABLES, check_table, paper_rows
 from fct_jax.report.plots import plot_all
 from fct_jax.report.render import RESULTS_JSON, RESULTS_MD, case_table, markdown, readme_block, rerender
 from fct_jax.report.render import update_readme, write_files
 from fct_jax.report.seeds import parse_ordering
 from fct_jax.report.seeds import write as write_seeds
 
-__all__ = ["build", "write", "PAPER_TABLES", "PAPER_CKA", "PAPER_SIDE_INFO", "paper_rows", "plot_all",
+__all__ = ["build", "write", "PAPER_TABLES", "PAPER_CKA", "PAPER_SIDE_INFO", "check_table", "paper_rows", "plot_all",
            "RESULTS_JSON", "RESULTS_MD", "case_table", "markdown", "readme_block", "rerender", "update_readme",
            "write_files", "parse_ordering", "write_seeds"]

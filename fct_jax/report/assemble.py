@@ -5,7 +5,6 @@
 file's format (readers and the README's block follow it), so :func:`build` writes it out key by key.
 """
 
-import json
 import os
 from typing import Optional
 
@@ -61,24 +60,21 @@ def build(results: summary.EvaluationResults, *, experiment: str = "", paper_tab
   return cases_lib.to_jsonable(out)
 
 
-def write(workdir: str, results: summary.EvaluationResults, cfg) -> dict:
+def write(workdir: str, results: summary.EvaluationResults, cfg, experiment: str) -> dict:
   """Builds the report of an evaluation stage and writes it into the experiment workdir.
 
   Every process builds (the cost analysis compiles the models; cheap), process 0 writes.
 
   Args:
-    workdir: the experiment workdir (the stage directories' parent; ``experiment.json`` there names it).
+    workdir: the experiment workdir (the stage directories' parent).
     results: what the evaluation stage's ``run`` returned.
     cfg: the (resolved) evaluation stage config: ``paper_table`` ("" for none) and ``transformation`` (the stage
       whose cost is reported; "" for none, e.g. update sequences).
+    experiment: the experiment's name (the report's title).
 
   Returns:
     The results dictionary (what ``results.json`` holds).
   """
-  experiment = ""
-  marker = epath.Path(workdir) / "experiment.json"
-  if marker.exists():
-    experiment = json.loads(marker.read_text()).get("experiment", "")
   out = build(results, experiment=experiment, paper_table=cfg.paper_table,
               transformation_dir=os.path.join(workdir, cfg.transformation) if cfg.transformation else "")
   if jax.process_index() == 0:

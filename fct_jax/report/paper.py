@@ -22,14 +22,10 @@ PAPER_CKA = _DATA["cka"]
 PAPER_SIDE_INFO = _DATA["side_info"]
 
 
-def _unknown(table: str) -> FCTError:
-  return FCTError(f"unknown paper_table {table!r}; valid: {', '.join(PAPER_TABLES)}")
-
-
-def check_table(table: str):
-  """Raises a one-line error unless ``table`` is "" (none) or a key of :data:`PAPER_TABLES`."""
-  if table and table not in PAPER_TABLES:
-    raise _unknown(table)
+def check_table(table: str, *, optional: bool = True):
+  """Raises a one-line error unless ``table`` is a key of :data:`PAPER_TABLES`, or "" (none) when ``optional``."""
+  if (table or not optional) and table not in PAPER_TABLES:
+    raise FCTError(f"unknown paper_table {table!r}; valid: {', '.join(PAPER_TABLES)}")
 
 
 def paper_rows(table: str, cases: Sequence[str], side_info: str = "") -> dict:
@@ -38,8 +34,7 @@ def paper_rows(table: str, cases: Sequence[str], side_info: str = "") -> dict:
   ``side_info``: the kind behind our ``h``; when it is not the table's (:data:`PAPER_SIDE_INFO`), a row with ``h``
   is matched only to the paper's row for that kind (``new/h`` → ``new/h[none]``), or left without a paper value.
   """
-  if table not in PAPER_TABLES:
-    raise _unknown(table)
+  check_table(table, optional=False)
   rows = PAPER_TABLES[table]
   other_kind = bool(side_info) and table in PAPER_SIDE_INFO and side_info != PAPER_SIDE_INFO[table]
   out = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from fct_jax.retrieval import metrics
+from fct_jax.retrieval import kernel, metrics
 
 # Query model / gallery model. Names are stable: reports and configs refer to them.
 DEFAULT_CASES: tuple[tuple[str, str], ...] = (("old", "old"), ("new", "old"), ("new", "new"), ("h", "h"),
@@ -20,6 +20,36 @@ DEFAULT_CASES: tuple[tuple[str, str], ...] = (("old", "old"), ("new", "old"), ("
 
 def case_name(query_model: str, gallery_model: str) -> str:
   return f"{query_model}/{gallery_model}"
+
+
+def case_stats(embeddings: Mapping[str, object], labels, cases: Sequence[tuple[str, str]] | None = None, *,
+               mesh=None, **kernel_kwargs) -> dict[str, kernel.RankStats]:
+  """The per-query rank statistics of each (query model, gallery model) case: one kernel run per case, from which
+  the case table (:func:`metrics_table`) and the CMC curves (``summary.cmc_from_stats``) are both read.
+
+  Args and Raises: as :func:`evaluate_cases` (``kernel_kwargs``: query_block, gallery_chunk, count_method,
+  progress). Returns ``{"q/g": RankStats}`` in the order of ``cases``.
+  """
+  if cases is None:
+    cases = [c for c in DEFAULT_CASES if c[0] in embeddings and c[1] in embeddings]
+    if not cases:
+      raise ValueError(f"no default case computable from models {sorted(embeddings)}; need some of "
+                       f"{sorted({m for c in DEFAULT_CASES for m in c})}")
+  for case in cases:  # every name checked before any work
+    if len(case) != 2:
+      raise ValueError(f"a case is a (query model, gallery model) pair, got {case!r}")
+    for name in case:
+      if name not in embeddings:
+        raise ValueError(f"case {case_name(*case)!r} needs model {name!r}; available: {sorted(embeddings)}")
+  return {case_name(q, g): metrics.checked_stats(embeddings[q], embeddings[g], labels, labels, query_is_gallery=True,
+                                                 mesh=mesh, **kernel_kwargs) for q, g in cases}
+
+
+def metrics_table(stats: Mapping[str, kernel.RankStats], ks: Sequence[int] = (1, 5)) -> dict[str, dict[str, float]]:
+  """The case table of :func:`case_stats`: ``{"q/g": {"cmc_top1", "cmc_top5", "mAP", "num_queries",
+  "num_skipped"}}`` (see `metrics.metrics_from_stats`)."""
+  ks = metrics.check_ks(ks)
+  return {name: metrics.metrics_from_stats(s, ks) for name, s in stats.items()}
 
 
 def evaluate_cases(embeddings: Mapping[str, object], labels, cases: Sequence[tuple[str, str]] | None = None, *,
@@ -34,7 +64,7 @@ def evaluate_cases(embeddings: Mapping[str, object], labels, cases: Sequence[tup
       (at least one must be).
     ks: CMC cut-offs.
     mesh: optional jax Mesh with a ``data`` axis (see `metrics.evaluate`).
-    **evaluate_kwargs: passed to `metrics.evaluate` (query_block, gallery_chunk, count_method).
+    **evaluate_kwargs: passed to `metrics.evaluate` (query_block, gallery_chunk, count_method, progress).
 
   Returns:
     ``{"q/g": {"cmc_top1": ..., "cmc_top5": ..., "mAP": ..., "num_queries": ..., "num_skipped": ...}}`` in the
@@ -44,22 +74,8 @@ def evaluate_cases(embeddings: Mapping[str, object], labels, cases: Sequence[tup
     ValueError: a case names a model missing from ``embeddings`` (the message lists the available ones), or no
       default case is computable.
   """
-  if cases is None:
-    cases = [c for c in DEFAULT_CASES if c[0] in embeddings and c[1] in embeddings]
-    if not cases:
-      raise ValueError(f"no default case computable from models {sorted(embeddings)}; need some of "
-                       f"{sorted({m for c in DEFAULT_CASES for m in c})}")
-  results = {}
-  for case in cases:
-    if len(case) != 2:
-      raise ValueError(f"a case is a (query model, gallery model) pair, got {case!r}")
-    for name in case:
-      if name not in embeddings:
-        raise ValueError(f"case {case_name(*case)!r} needs model {name!r}; available: {sorted(embeddings)}")
-    q, g = embeddings[case[0]], embeddings[case[1]]
-    results[case_name(*case)] = metrics.evaluate(q, g, labels, labels, query_is_gallery=True, ks=ks, mesh=mesh,
-                                                 **evaluate_kwargs)
-  return results
+  metrics.check_ks(ks)
+  return metrics_table(case_stats(embeddings, labels, cases, mesh=mesh, **evaluate_kwargs), ks)
 
 
 def _fmt(x: float) -> str:

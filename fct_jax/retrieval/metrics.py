@@ -24,8 +24,16 @@ def _shape_of(x, name: str):
   return tuple(shape)
 
 
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+  """CMC cut-offs as a sorted tuple of unique positive ints; a one-line ValueError otherwise."""
+  ks = tuple(sorted({int(k) for k in ks}))
+  if not ks or ks[0] < 1:
+    raise ValueError(f"ks must be positive integers, got {ks}")
+  return ks
+
+
 def validate_inputs(queries, gallery, query_labels, gallery_labels, *, query_is_gallery: bool,
-                    ks: Sequence[int]) -> tuple[int, ...]:
+                    ks: Sequence[int] = (1,)) -> tuple[int, ...]:
   """Raises a one-line ValueError naming the cause; returns ks as a sorted tuple of unique ints."""
   qs, gs = _shape_of(queries, "queries"), _shape_of(gallery, "gallery")
   if len(qs) != 2 or len(gs) != 2:
@@ -56,10 +64,7 @@ def validate_inputs(queries, gallery, query_labels, gallery_labels, *, query_is_
     if not np.isfinite(a).all():
       bad = np.argwhere(~np.isfinite(a))[0]
       raise ValueError(f"{name} contains NaN or inf (first at row {bad[0]}) or overflows float32")
-  ks = tuple(sorted({int(k) for k in ks}))
-  if not ks or ks[0] < 1:
-    raise ValueError(f"ks must be positive integers, got {ks}")
-  return ks
+  return check_ks(ks)
 
 
 def metrics_from_stats(stats: kernel.RankStats, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -104,11 +109,24 @@ def evaluate(queries, gallery, query_labels, gallery_labels, *, query_is_gallery
   Raises:
     ValueError: on mismatched shapes or dimensions, empty sets, NaN/inf embeddings, bad ks.
   """
-  ks = validate_inputs(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery, ks=ks)
-  stats = kernel.rank_stats(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery,
-                            mesh=mesh, query_block=query_block, gallery_chunk=gallery_chunk,
-                            count_method=count_method, progress=progress)
+  ks = check_ks(ks)
+  stats = checked_stats(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery,
+                        mesh=mesh, query_block=query_block, gallery_chunk=gallery_chunk, count_method=count_method,
+                        progress=progress)
   return metrics_from_stats(stats, ks)
+
+
+def checked_stats(queries, gallery, query_labels, gallery_labels, *, query_is_gallery: bool = False,
+                  **kernel_kwargs) -> kernel.RankStats:
+  """`kernel.rank_stats` after :func:`validate_inputs`: the per-query statistics every metric is read from (CMC at
+  any k, mAP), so callers that need several (the case table and the CMC curves) run the kernel once.
+
+  ``kernel_kwargs``: ``mesh``, ``query_block``, ``gallery_chunk``, ``count_method``, ``progress`` (as in
+  :func:`evaluate`).
+  """
+  validate_inputs(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery)
+  return kernel.rank_stats(queries, gallery, query_labels, gallery_labels, query_is_gallery=query_is_gallery,
+                           **kernel_kwargs)
 
 
 def brute_force_stats(queries, gallery, query_labels, gallery_labels, *,

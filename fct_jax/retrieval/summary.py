@@ -21,6 +21,7 @@ import numpy as np
 
 from fct_jax.errors import FCTError
 from fct_jax.retrieval import backfill as backfill_lib
+from fct_jax.retrieval import cases as cases_lib
 from fct_jax.retrieval import cka as cka_lib
 from fct_jax.retrieval import kernel
 
@@ -70,15 +71,19 @@ def cmc_curves(embeddings: Mapping[str, np.ndarray], labels, cases: Sequence[str
   Returns:
     ``{"k": [1..K], "cases": {"q/g": [cmc@1, ..., cmc@K]}}``.
   """
-  labels = np.asarray(labels)
-  top = max(1, min(int(max_k), len(labels) - 1))
+  stats = cases_lib.case_stats(embeddings, np.asarray(labels), [split_case(c) for c in cases], mesh=mesh,
+                               progress=progress)
+  return cmc_from_stats(stats, len(labels), max_k=max_k)
+
+
+def cmc_from_stats(stats: Mapping[str, kernel.RankStats], num_items: int, *, max_k: int) -> dict:
+  """:func:`cmc_curves` from the cases' rank statistics (``cases.case_stats``), computed once for the case table
+  too; ``num_items``: the evaluation set's size (the cut-offs stop at the gallery size without the query)."""
+  top = max(1, min(int(max_k), num_items - 1))
   ks = np.arange(1, top + 1)
   out = {}
-  for case in cases:
-    q, g = split_case(case)
-    stats = kernel.rank_stats(np.asarray(embeddings[q], np.float32), np.asarray(embeddings[g], np.float32),
-                              labels, labels, query_is_gallery=True, mesh=mesh, progress=progress)
-    ranks = stats.first_rank[stats.num_pos > 0]
+  for case, s in stats.items():
+    ranks = s.first_rank[s.num_pos > 0]
     out[case] = ([float(100.0 * np.mean(ranks < k)) for k in ks] if ranks.size else [float("nan")] * len(ks))
   return {"k": [int(k) for k in ks], "cases": out}
 
@@ -113,8 +118,8 @@ def compatibility_matrix(cases: Mapping[str, Mapping[str, float]], metric: str =
   return {"metric": metric, "queries": queries, "galleries": galleries, "values": values}
 
 
-def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, object], *, max_k: int,
-              backfill_fractions: Sequence[float], mesh=None,
+def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, object],
+              stats: Mapping[str, kernel.RankStats], *, max_k: int, backfill_fractions: Sequence[float], mesh=None,
               progress: kernel.ProgressFactory | None = None) -> dict:
   """The sections of :class:`EvaluationResults` for an evaluated case table.
 
@@ -122,6 +127,7 @@ def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, 
     embeddings: model name -> (N, d) embeddings of the evaluation images (the models the cases name).
     labels: (N,) labels.
     cases: the case table, ``{"q/g": {"cmc_top1", …}}`` (its names and, for sequences, its top-1 values).
+    stats: the rank statistics the case table was read from (``cases.case_stats``): the CMC curves come from them.
     max_k: last CMC cut-off of the curves.
     backfill_fractions: backfilled fractions of the curve (needs models ``h`` and ``new`` of one shape).
     mesh: Mesh for the retrieval kernel (all processes call this on a multi-host mesh).
@@ -133,7 +139,7 @@ def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, 
   used = [m for m in embeddings if any(m in split_case(c) for c in cases)]
   # One array under two names (the evaluation's "h" is also "h[simclr]") would only add a CKA of 1: keep the first.
   used = [m for i, m in enumerate(used) if not any(embeddings[m] is embeddings[p] for p in used[:i])]
-  out = {"cmc_curves": cmc_curves(embeddings, labels, list(cases), max_k=max_k, mesh=mesh, progress=progress),
+  out = {"cmc_curves": cmc_from_stats(stats, len(labels), max_k=max_k),
          "cka": cka_matrix({m: embeddings[m] for m in used}), "backfill": None}
   if "h" in embeddings and "new" in embeddings and np.shape(embeddings["h"]) == np.shape(embeddings["new"]):
     out["backfill"] = backfill_lib.backfill_curve(embeddings["h"], embeddings["new"], labels, order="random",

@@ -30,7 +30,7 @@ only their direction matters). For a softmax old model nothing changes: logits Ï
 import jax.numpy as jnp
 import numpy as np
 
-from fct_jax import artifacts, losses, retrieval, train_lib
+from fct_jax import artifacts, losses, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import common
@@ -84,16 +84,7 @@ def make_task(cfg, model, num_classes: int, eval_source=None, eval_labels=None, 
       l = l + bct_weight * influence
     return l, (metrics, dict(updates))
 
-  evaluate = None
-  if eval_source is not None:
-    def evaluate(state):
-      variables = {"params": state["params"], **state["model_state"]}
-      emb = artifacts.embed(model, variables, eval_source, batch_size=artifacts.eval_batch_size(cfg, mesh), mesh=mesh,
-                         transform=artifacts.eval_transform(cfg))
-      artifacts.check_finite_embeddings(emb, f"stage {cfg.name!r} embeddings")
-      r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
-      return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}
-
+  evaluate = common.retrieval_eval(cfg, model, lambda v: v, eval_source, eval_labels, mesh, "embeddings")
   transform = augment.train_transform(cfg.augment, cfg.data)
   frozen = None if old_classifier is None else {"old_classifier": old_classifier}
   return train_lib.Task(name=cfg.name, init=init, loss=loss, transform=transform, evaluate=evaluate, frozen=frozen)

@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from fct_jax import artifacts, checkpoint, train_lib
+from fct_jax import artifacts, checkpoint, retrieval, train_lib
 from fct_jax.data import sources
 
 
@@ -17,6 +17,24 @@ def eval_source(cfg):
     return None, None
   source, _ = sources.get_source(cfg.data, cfg.eval_split)
   return source, artifacts.source_labels(source)
+
+
+def retrieval_eval(cfg, module, select, eval_source, eval_labels, mesh, what: str):
+  """The periodic ``evaluate(state)`` of a stage that trains an embedding: retrieval top-1 and mAP on its
+  ``eval_split`` (query = gallery, self excluded) of the embedding ``module`` computes with the variables
+  ``select`` picks from the train state; None without an eval split. ``what`` names the embedding in errors."""
+  if eval_source is None:
+    return None
+  batch_size, transform = artifacts.eval_batch_size(cfg, mesh), artifacts.eval_transform(cfg)
+
+  def evaluate(state):
+    variables = select({"params": state["params"], **state["model_state"]})
+    emb = artifacts.embed(module, variables, eval_source, batch_size=batch_size, mesh=mesh, transform=transform)
+    artifacts.check_finite_embeddings(emb, f"stage {cfg.name!r} {what}")
+    r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
+    return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}
+
+  return evaluate
 
 
 def train_and_save(cfg, stage_dir: str, ctx: artifacts.Context, task, source) -> bool:

@@ -78,10 +78,16 @@ class EmbeddingCache:
     return artifacts.load_h(self._ctx, stage, self._cfg.name, side_cache=self.side_models)
 
 
-def summarize(cfg, ctx: artifacts.Context, embeddings, labels, payload: dict) -> summary.EvaluationResults:
+def evaluate_cases(embeddings, labels, cases, mesh=None):
+  """``(table, stats)``: the case table and the rank statistics it was read from (which the CMC curves reuse)."""
+  stats = cases_lib.case_stats(embeddings, labels, cases, mesh=mesh, progress=retrieval_progress)
+  return cases_lib.metrics_table(stats), stats
+
+
+def summarize(cfg, ctx: artifacts.Context, embeddings, labels, payload: dict, stats) -> summary.EvaluationResults:
   """What an evaluation stage returns: ``payload`` and the report's sections computed from ``embeddings`` (every
   process computes: the kernel's mesh may span hosts). ``cfg.report`` holds ``max_k`` and ``backfill_fractions``."""
-  sections = summary.summarize(embeddings, labels, payload["cases"], max_k=int(cfg.report.max_k),
+  sections = summary.summarize(embeddings, labels, payload["cases"], stats, max_k=int(cfg.report.max_k),
                                backfill_fractions=tuple(cfg.report.backfill_fractions), mesh=ctx.mesh,
                                progress=retrieval_progress)
   return summary.EvaluationResults(payload=payload, sections=sections)
@@ -111,14 +117,14 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
     emb[f"h[{label}]"] = transformed[stage]
     cases.append(("new", f"h[{label}]"))
 
-  results = cases_lib.evaluate_cases(emb, labels, cases, progress=retrieval_progress)
+  results, stats = evaluate_cases(emb, labels, cases, ctx.mesh)
   analysis = _side_info_analysis(cfg, source, emb, cache.psi)
   payload = {"cases": results, "num_eval": int(len(labels)), "side_info": kinds[cfg.transformation],
              "feature_mode": feature_modes, "side_info_analysis": analysis}
   common.write_stage_results(stage_dir, payload, cases_lib.format_markdown_table(results))
   if jax.process_index() == 0:
     _print_analysis(cfg.name, analysis)
-  return summarize(cfg, ctx, emb, labels, payload)
+  return summarize(cfg, ctx, emb, labels, payload, stats)
 
 
 def _print_analysis(name: str, analysis: dict):

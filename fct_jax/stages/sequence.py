@@ -39,7 +39,7 @@ def relative_squared_error(pred: np.ndarray, target: np.ndarray) -> float:
   return float(((pred - target) ** 2).sum() / denom) if denom > 0 else float("nan")
 
 
-# A transformation's role in a hop: its target's kind (``artifacts.target_kind``), and the role's name.
+# A transformation's role in a hop: its target's kind (``artifacts.Transformation.target_kind``), and the role's name.
 _ROLES = {"h": ("backbone", "an h"), "g": ("side_info", "a g")}
 _TARGETS = {"backbone": "a backbone", "side_info": "side-information"}
 
@@ -47,10 +47,9 @@ _TARGETS = {"backbone": "a backbone", "side_info": "side-information"}
 class _Hops:
   """The rows' hops over the shared embeddings: transformations loaded once, each application computed once."""
 
-  def __init__(self, cfg, ctx: artifacts.Context, cache: evaluation.EmbeddingCache):
-    self.cfg, self.ctx, self.cache = cfg, ctx, cache
+  def __init__(self, cfg, cache: evaluation.EmbeddingCache):
+    self.cfg, self.cache = cfg, cache
     self.loaded = {}  # transformation stage -> (h, cfg, side-info model)
-    self.kinds = {}  # transformation stage -> its target's kind
     self._applied = {}
 
   def load(self, stage: str, role: str, row: str):
@@ -58,11 +57,11 @@ class _Hops:
     side-information); the other kind is a one-line error."""
     if stage not in self.loaded:
       self.loaded[stage] = self.cache.transformation(stage)
-      self.kinds[stage] = artifacts.target_kind(self.loaded[stage][1], self.ctx)
-    if self.kinds[stage] != _ROLES[role][0]:
+    kind = self.loaded[stage][0].target_kind
+    if kind != _ROLES[role][0]:
       other = _ROLES["g" if role == "h" else "h"][1]
       raise FCTError(f"stage {self.cfg.name!r}: row {row!r}: {stage!r} is {other} (its target "
-                     f"{self.loaded[stage][1].new!r} is {_TARGETS[self.kinds[stage]]}), not {_ROLES[role][1]}")
+                     f"{self.loaded[stage][1].new!r} is {_TARGETS[kind]}), not {_ROLES[role][1]}")
     return self.loaded[stage]
 
   def apply(self, state, stage: str, row: str, phi, psi):
@@ -75,7 +74,7 @@ class _Hops:
     if (state, stage) not in self._applied:
       fn, tcfg, _ = self.loaded[stage]
       out = fn(phi, psi)
-      if self.kinds[stage] == "backbone":
+      if fn.target_kind == "backbone":
         artifacts.check_finite_embeddings(out, f"row {row!r} after hop {len(state[1]) + 1}")
         target = self.cache.phi(tcfg.new)
       else:
@@ -113,7 +112,7 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
   source, _ = sources.get_source(cfg.data, cfg.split)
   labels = artifacts.source_labels(source)
   cache = evaluation.EmbeddingCache(cfg, ctx, source)
-  hops = _Hops(cfg, ctx, cache)
+  hops = _Hops(cfg, cache)
   gallery = {stage: cache.phi(stage) for stage in cfg.backbones}
   cases, hop_errors = [(s, s) for s in cfg.backbones], {}
   rows = [ml_collections.ConfigDict(dict(r)) for r in cfg.rows]  # list items stay plain dicts in a ConfigDict
@@ -126,10 +125,10 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
     gallery.setdefault(row.query, cache.phi(row.query))
     cases.append((row.query, gname))
 
-  results = cases_lib.evaluate_cases(gallery, labels, cases, progress=evaluation.retrieval_progress)
+  results, stats = evaluation.evaluate_cases(gallery, labels, cases, ctx.mesh)
   payload = {"cases": results, "num_eval": int(len(labels)), "hop_errors": hop_errors,
              "rows": {r.name: {"query": r.query, "hops": [list(h) for h in r.hops]} for r in rows},
              "feature_mode": {s: c.feature_mode for s, (_, c, _) in hops.loaded.items()}}
   common.write_stage_results(stage_dir, payload, cases_lib.format_markdown_table(results))
   # The compatibility matrix of the v_i rows is among the sections.
-  return evaluation.summarize(cfg, ctx, gallery, labels, payload)
+  return evaluation.summarize(cfg, ctx, gallery, labels, payload, stats)

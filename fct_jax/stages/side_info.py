@@ -28,29 +28,13 @@ stage; :func:`fct_jax.artifacts.load_side_info` rebuilds the ψ network from the
 
 import jax.numpy as jnp
 
-from fct_jax import artifacts, losses, retrieval, train_lib
+from fct_jax import artifacts, losses, train_lib
 from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.stages import backbone, common
 
 # --------------------------------------------------------------------------------------------- tasks
 
-
-def _embedding_eval(cfg, eval_source, eval_labels, mesh):
-  """Periodic retrieval top-1 / mAP of ψ on the eval split (how well ψ alone retrieves; informative only)."""
-  if eval_source is None:
-    return None
-  module, select = artifacts.side_encoder(cfg)
-
-  def evaluate(state):
-    variables = select({"params": state["params"], **state["model_state"]})
-    emb = artifacts.embed(module, variables, eval_source, batch_size=artifacts.eval_batch_size(cfg, mesh),
-                          mesh=mesh, transform=artifacts.eval_transform(cfg))
-    artifacts.check_finite_embeddings(emb, f"stage {cfg.name!r} side-information")
-    r = retrieval.evaluate(emb, emb, eval_labels, eval_labels, query_is_gallery=True, ks=(1,))
-    return {"retrieval_top1": r["cmc_top1"], "mAP": r["mAP"]}
-
-  return evaluate
 
 
 def simclr_task(cfg, model, evaluate=None) -> train_lib.Task:
@@ -142,7 +126,10 @@ def mixup_task(cfg, model, num_classes: int, evaluate=None) -> train_lib.Task:
 def make_task(cfg, model, eval_source=None, eval_labels=None, mesh=None) -> train_lib.Task:
   """The :class:`train_lib.Task` of a side-info stage config."""
   artifacts.check_side_method(cfg)
-  evaluate = _embedding_eval(cfg, eval_source, eval_labels, mesh)
+  evaluate = None  # how well ψ alone retrieves (informative only)
+  if eval_source is not None:
+    evaluate = common.retrieval_eval(cfg, *artifacts.side_encoder(cfg), eval_source, eval_labels, mesh,
+                                     "side-information")
   if cfg.method == "simclr":
     return simclr_task(cfg, model, evaluate)
   if cfg.method == "autoencoder":

@@ -116,8 +116,9 @@ def _load_npy(path: str) -> np.ndarray:
   return np.load(io.BytesIO(epath.Path(path).read_bytes()))
 
 
-def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[str, np.ndarray]:
-  """φ_old, ψ and target features [N·K, d] of K augmented views per image: computed once, stored, reused.
+def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source, transform: Callable) -> Dict[str, np.ndarray]:
+  """φ_old, ψ and target features [N·K, d] of K augmented views per image (``transform``: the training transform
+  each view is drawn with): computed once, stored, reused.
 
   The computation is :func:`train_lib.predict` (batches sharded over the mesh, results on every process);
   process 0 writes ``stage_dir/features/{old,psi,new}.npy`` and ``meta.json``.
@@ -133,7 +134,7 @@ def cached_features(cfg, stage_dir: str, ctx, frozen: Frozen, source) -> Dict[st
     print(f"[{cfg.name}] reusing {len(feats['old'])} cached feature rows from {fdir}", flush=True)
     return feats
   t0 = time.perf_counter()
-  views_source = sources.AugmentedViews(source, augment.train_transform(cfg.augment, cfg.data), views, int(cfg.seed) + 101)
+  views_source = sources.AugmentedViews(source, transform, views, int(cfg.seed) + 101)
   feats = train_lib.predict(lambda v, b: dict(zip(FEATURE_KEYS, frozen.apply(v, b["image"]))), frozen.variables,
                             views_source, batch_size=artifacts.eval_batch_size(cfg, ctx.mesh),
                             transform=lambda ex: ex, mesh=ctx.mesh)
@@ -190,10 +191,10 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context):
   h = artifacts.build_h(cfg, frozen.dims["old"], frozen.dims["new"])
   source, _ = sources.get_source(cfg.data, cfg.split)
   mode = cfg.feature_mode
-  transform = augment.train_transform(cfg.augment, cfg.data)  # refuses an unknown name before any work
+  transform = augment.train_transform(cfg.augment, cfg.data)  # the online batches', or the cached views'
   what = "h: φ_new" if frozen.target_kind == "backbone" else "g: ψ_{i+1}"
   if mode == "cached":
-    feats = cached_features(cfg, stage_dir, ctx, frozen, source)
+    feats = cached_features(cfg, stage_dir, ctx, frozen, source, transform)
     check_feature_dims(cfg, feats, frozen.dims, checkpoint.join(stage_dir, "features"))
     # An epoch is still one pass's worth of the N training images (each step draws from the N·K cached views), so
     # a schedule in epochs means the same number of steps in both modes.
