@@ -108,9 +108,12 @@ def side_info_stage(name: str, **fields):
 
 def transformation_stage(name: str, **fields):
   """h(φ_old, ψ) ≈ φ_new with the L2 loss; ``old``/``new`` name the upstream stages (``new`` a side_info stage:
-  g(φ_i, ψ_i) ≈ ψ_{i+1} for update sequences).
+  g(φ_i, ψ_i) ≈ ψ_{i+1} for update sequences). ``method="fastfill"``: FastFill's h with an uncertainty head and its
+  loss (the ``fastfill`` block: ``sigma_dim``, ``mu_sim``, ``mu_disc``, ``mu_unc``, ``label_smoothing``; the
+  official recipe by default; h only, not g).
 
   Side-information: ``side_info_kind="none"`` feeds zeros of width ``side_info_dim`` (0: no side branch);
+  ``"old"`` feeds φ_old again as ψ (the official FastFill code's "no side-info"; ``side_info_dim`` = d_old);
   otherwise ``side_info_stage`` names the side_info stage to load, whose method must equal the kind and whose ψ
   width must equal ``side_info_dim``. ``feature_mode``: ``online`` (ml-fct: frozen models run on augmented images
   every step) or ``cached`` (features of ``cache_views`` augmented views per image computed once and stored);
@@ -129,8 +132,9 @@ def evaluation_stage(name: str, **fields):
 
 
 def fct_plan(*, data, old_model, new_model, backbone, side_info, transformation, evaluation, ablation=(),
-             every=None) -> list:
-  """The FCT plan: old → side_info → new → bct_new → transformation_none → transformation [→ ablation] → eval.
+             fastfill=None, every=None) -> list:
+  """The FCT plan: old → side_info → new → bct_new → transformation_none → transformation [→ transformation_fastfill_none
+  → transformation_fastfill] [→ ablation] → eval.
 
   old (seed 1) is trained on ``old_train``; new and the BCT baseline bct_new (seed 2; + the influence loss through
   old's classifier) on ``new_train``; ψ (``side_info``, seed 4) on the old training images; the transformations
@@ -144,6 +148,9 @@ def fct_plan(*, data, old_model, new_model, backbone, side_info, transformation,
       ``model``, ``train``...), of every transformation (``model``, ``train``...) and of eval.
     ablation: Table 6's other ψ: ``(method, short name, fields)``, each a side_info stage ``side_<short>`` (seed 5,
       ``old_train``) and its transformation ``transformation_<short>``, compared in eval.
+    fastfill: None, or the fields (over ``transformation``'s) of two FastFill transformations (``method="fastfill"``,
+      seed 3): ``transformation_fastfill_none`` (ψ = 0) and ``transformation_fastfill`` (ψ = side_info), compared in
+      eval (rows ``new/h[fastfill,none]``, ``new/h[fastfill]``).
     every: fields of every stage (e.g. ``eval_augment``).
 
   Returns:
@@ -153,12 +160,13 @@ def fct_plan(*, data, old_model, new_model, backbone, side_info, transformation,
   side = lambda name, seed, fields: side_info_stage(name, data=data, split="old_train", seed=seed,
                                                     **every, **fields)
 
-  def h(name, side_stage=None):
+  def h(name, side_stage=None, fields=None):
     kw = {}
     if side_stage is not None:
       kw = dict(side_info_kind=side_stage.method, side_info_dim=int(side_stage.model.embedding_dim),
                 side_info_stage=side_stage.name)
-    return transformation_stage(name, data=data, split="new_train", seed=3, **every, **transformation, **kw)
+    return transformation_stage(name, data=data, split="new_train", seed=3, **every,
+                                **{**transformation, **(fields or {})}, **kw)
 
   psi = side("side_info", 4, side_info)
   stages = [
@@ -168,6 +176,10 @@ def fct_plan(*, data, old_model, new_model, backbone, side_info, transformation,
                      **backbone),
       h("transformation_none"), h("transformation", psi)]
   compared = ["transformation_none", "transformation"]
+  if fastfill is not None:
+    ff = dict(fastfill, method="fastfill")
+    stages += [h("transformation_fastfill_none", None, ff), h("transformation_fastfill", psi, ff)]
+    compared += ["transformation_fastfill_none", "transformation_fastfill"]
   for method, short, fields in ablation:
     alt = side(f"side_{short}", 5, dict(fields, method=method))
     stages += [alt, h(f"transformation_{short}", alt)]

@@ -5,10 +5,13 @@ The old model learns colour only (its training set labels colour, on 3 of 5 shap
 threw away, so new/h stays well below new/new — the gap FCT's side-information closes. The side-information ψ is
 a SimCLR model trained on the old training images without labels (it learns what makes images differ, shape
 included); two transformations are trained, without (``transformation_none``) and with ψ (``transformation``), and
-the table reports both as ``new/h[none]`` and ``new/h[simclr]`` (``new/h`` and ``h/h`` are with ψ).
+the table reports both as ``new/h[none]`` and ``new/h[simclr]`` (``new/h`` and ``h/h`` are with ψ). FastFill's
+h (Jaeckle et al., ICLR 2023: an uncertainty head and FastFill's loss, the official weights) is trained the same two
+ways (rows ``new/h[fastfill,none]``, ``new/h[fastfill]``), and the evaluation draws every transformed gallery's
+backfilling curves (random, σ where h has the head, the distance oracle; AUC = mean over f = i/21).
 
-Whole plan (old → side_info → new → bct_new → transformation_none → transformation → eval), 5 min 8 s on a shared
-2-core CPU (about 3 of them the 18 SimCLR epochs):
+Whole plan (old → side_info → new → bct_new → transformation_none → transformation → transformation_fastfill_none →
+transformation_fastfill → eval), about 6 to 7 min on a shared 2-core CPU (about 3 of them the 18 SimCLR epochs):
 
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
 
@@ -67,6 +70,10 @@ SIMCLR_EPOCHS = 18
 # The paper's claims as orderings of CMC top-1 that a multi-seed run (``--config.seeds=3``) checks seed by seed:
 # side-information helps h, h beats the BCT baseline, BCT beats no compatibility at all, and h/h beats old/old.
 ORDERINGS = ["new/h[simclr] > new/h[none]", "new/h[none] > bct-new/old", "bct-new/old > new/old", "h/h > old/old"]
+# FastFill's claims, on the backfilling curves' AUC top-1: FastFill's σ order beats FCT's random order, without and
+# with side-information, and σ beats random for the same FastFill h.
+FASTFILL_ORDERINGS = ["h[fastfill,none]:sigma > h[none]:random", "h[fastfill]:sigma > h[simclr]:random",
+                      "h[fastfill,none]:sigma > h[fastfill,none]:random", "h[fastfill]:sigma > h[fastfill]:random"]
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -126,6 +133,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       # Side-information is trained at old time, on the old training images, without their labels.
       side_info=dict(method="simclr", model=side_model, train_cfg=train(sgd(), side_epochs), eval_batch_size=eval_bs,
                      **SIMCLR, **side_kw),
-      transformation=h_kw, ablation=ablation,
-      evaluation=dict(eval_batch_size=eval_bs, probe_fields=["label", "shape", "colour"], orderings=ORDERINGS))
+      # FastFill (Jaeckle et al., ICLR 2023): the same h recipe with the uncertainty head and FastFill's loss (the
+      # official weights, config_schema.FASTFILL), without (ψ = 0) and with the SimCLR ψ.
+      transformation=h_kw, fastfill={}, ablation=ablation,
+      evaluation=dict(eval_batch_size=eval_bs, probe_fields=["label", "shape", "colour"],
+                      orderings=ORDERINGS + FASTFILL_ORDERINGS))
   return common.experiment("demo_ablation" if a.ablation else "demo", stages, a.stage)

@@ -13,6 +13,8 @@ Then, in order (each stage writes its own sub-workdir; rerunning skips finished 
   python -m fct_jax.main --config=configs/imagenet.py:stage=bct_new,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/imagenet.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/imagenet.py:stage=transformation,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/imagenet.py:stage=transformation_fastfill_none,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/imagenet.py:stage=transformation_fastfill,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/imagenet.py:stage=eval,data_dir=$DATA --workdir=$WD
 
 or the whole plan: ``--config=configs/imagenet.py:data_dir=$DATA``. ``data_dir`` may be ``gs://bucket/tfds``.
@@ -28,6 +30,22 @@ Expected (paper, Table 1; CMC top-1 — top-5 %, mAP@1.0 %):
   FCT without side-info (Table 6, "None"): new/h 61.8 — 80.5, 39.9   (this plan's new/h[none] row)
   BCT: new_bct/old 46.9 — 65.4, 30.1    new_bct/new_bct 62.4 — 81.9, 41.1
 ml-fct's README (its released code): old/old 46.4, new/new 68.4, new/h 65.1 top-1.
+
+FastFill (Jaeckle et al., ICLR 2023): stages ``transformation_fastfill_none`` (ψ = 0) and
+``transformation_fastfill`` (ψ = SimCLR) train h with h's recipe plus an uncertainty head and
+FastFill's loss (rows new/h[fastfill,none], new/h[fastfill]).
+The evaluation draws the partial-backfilling curve of every h in random order, in distance order (an oracle) and,
+for FastFill's h, in σ order (largest predicted uncertainty first), each summarised by its AUC: the mean over the
+22 grid points f = i/21 (results.md, backfill.png).
+Expected (FastFill's ImageNet numbers; AUC of CMC top-1 — top-5 %, mAP %; the report puts them beside ours):
+  with side-info:  FCT, random (h[simclr]:random) 64.7 — 82.4, 42.6
+                   FastFill, σ (h[fastfill]:sigma) 67.8 — 84.2, 46.2
+  without:         FCT, random (h[none]:random) 62.8 — 81.1, 40.5
+                   FastFill, σ (h[fastfill,none]:sigma) 66.5 — 83.6, 44.8
+  references: old/old 46.6 — 65.2, 28.5    new/new 68.2 — 84.6, 45.3
+FastFill's "without side-info" feeds ψ := φ_old, this plan ψ = 0; to compare like with like, set
+``side_info.kind=old`` and ``side_info.dim=128`` on transformation_none and transformation_fastfill_none
+(``--config.stages.NAME.side_info.kind=old``).
 
 Tiny form on ``tfds.testing.mock_data`` (no data needed, seconds): ``--config=configs/imagenet.py:runlocal``.
 """

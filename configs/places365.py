@@ -12,6 +12,8 @@ Then, in order:
   python -m fct_jax.main --config=configs/places365.py:stage=bct_new,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/places365.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/places365.py:stage=transformation,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=transformation_fastfill_none,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/places365.py:stage=transformation_fastfill,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/places365.py:stage=eval,data_dir=$DATA --workdir=$WD
 
 Splits: old = the first 182 classes (TFDS's label order is the sorted category list, as ImageFolder's), new = all
@@ -24,6 +26,13 @@ Expected (paper, Table 2; CMC top-1 — top-5 %, mAP@1.0 %):
   old/old 29.6 — 58.2, 11.6    new/old 0.3 — 1.5, 0.12    new/new 37.0 — 65.1, 17.0
   FCT (SimCLR-ImageNet side-info): h/h 34.0 — 62.3, 17.3    new/h 35.8 — 64.5, 18.1
   BCT: new_bct/old 30.4 — 58.7, 12.6    new_bct/new_bct 34.9 — 64.2, 16.0
+
+FastFill (Jaeckle et al., ICLR 2023): stages ``transformation_fastfill_none`` (ψ = 0) and
+``transformation_fastfill`` (ψ = SimCLR) train h with h's recipe plus an uncertainty head and
+FastFill's loss (rows new/h[fastfill,none], new/h[fastfill]).
+The evaluation draws the partial-backfilling curve of every h in random order, in distance order (an oracle) and,
+for FastFill's h, in σ order (largest predicted uncertainty first), each summarised by its AUC: the mean over the
+22 grid points f = i/21 (results.md, backfill.png). FastFill publishes no Places-365 numbers.
 
 Tiny form on ``tfds.testing.mock_data``: ``--config=configs/places365.py:runlocal``.
 """

@@ -9,8 +9,18 @@ Side-information ψ (the paper's FCT rows): SimCLR with the old model's architec
 (no labels), LARS with lr 0.3·B/256, weight decay 1e-6, temperature 0.1, 10 warm-up epochs, 100 epochs, SimCLR's
 ImageNet views (crop 224, colour jitter strength 1.0, grayscale, blur) — the SimCLR paper's recipe at batch 1024;
 ml-fct only downloads pretrained SimCLR weights. BCT baseline: the new model's recipe plus the influence loss
-through the old model's frozen classifier. The plan: old, side_info, new, bct_new, transformation_none (ψ = 0),
-transformation (ψ = SimCLR), eval — its table has every Table-1 row.
+through the old model's frozen classifier.
+
+FastFill (Jaeckle et al., ICLR 2023; ml-fct@1a7f8b5 ``configs/{imagenet,cifar100}_fastfill_transformation.yaml``):
+the transformation h's recipe above, unchanged, plus an uncertainty head and FastFill's loss — the schema's
+``fastfill`` block is the official one (``sigma_dim`` 1, ``mu_sim`` 1, ``mu_disc`` 1, ``mu_unc`` 0.5, label smoothing
+0.1; ``fct_jax/config_schema.py``). Two FastFill stages: ``transformation_fastfill_none`` (ψ = 0) and
+``transformation_fastfill`` (ψ as ``transformation``'s); eval draws the partial-backfilling curves of every h (random
+and distance orders, and σ order for FastFill's).
+
+The plan: old, side_info, new, bct_new, transformation_none (ψ = 0), transformation (ψ = SimCLR),
+transformation_fastfill_none, transformation_fastfill, eval — its table has every Table-1 row and the rows
+new/h[fastfill,none], new/h[fastfill].
 
 VGGFace2 (Table 3) changes two things: ``loss={"kind": "arcface", ...}`` trains every classification model (old, new,
 bct_new, the alternate old models) with an ArcFace head and loss, and ``side_info_method="alt_old"`` makes ψ the
@@ -53,7 +63,9 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
                      eval_batch_size: int = 1024,
                      runlocal_data=None, runlocal_train_augment: str = "", runlocal_eval_augment: str = "",
                      paper_table: str = "", loss=None, side_info_method: str = "simclr"):
-  """Stages old → side_info → new → bct_new → transformation_none → transformation → eval, reference recipe.
+  """Stages old → side_info → new → bct_new → transformation_none → transformation →
+  transformation_fastfill_none → transformation_fastfill → eval, reference recipe (the FastFill stages: h's recipe
+  and the official FastFill loss).
 
   Args:
     experiment: experiment name.
@@ -126,6 +138,9 @@ def paper_experiment(experiment: str, a, *, data, old_model, new_model, train_au
                     eval_batch_size=eval_batch_size, **cls),
       side_info=sides[side_info_method],
       transformation=dict(model=h_model, train_cfg=train(transformation_adam(), h_epochs), augment=train_augment),
+      # FastFill: the transformation's fields above (ml-fct's FastFill recipe is FCT's h recipe) and the schema's
+      # ``fastfill`` block, which is the official loss; nothing to add.
+      fastfill={},
       ablation=ablation, every=dict(eval_augment=eval_augment),  # how every stage embeds evaluation images
       evaluation=dict(eval_batch_size=eval_batch_size,
                       paper_table="table6" if a.get("ablation", False) and experiment == "imagenet" else paper_table))

@@ -13,6 +13,8 @@ Then, in order:
   python -m fct_jax.main --config=configs/vggface2.py:stage=bct_new,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/vggface2.py:stage=transformation_none,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/vggface2.py:stage=transformation,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/vggface2.py:stage=transformation_fastfill_none,data_dir=$DATA --workdir=$WD
+  python -m fct_jax.main --config=configs/vggface2.py:stage=transformation_fastfill,data_dir=$DATA --workdir=$WD
   python -m fct_jax.main --config=configs/vggface2.py:stage=eval,data_dir=$DATA --workdir=$WD
 
 Splits: old = the first 10% of the (sorted) training subjects, 863; new = all 8,631; evaluation on a fixed random
@@ -34,6 +36,14 @@ Expected (paper, Table 3; CMC top-1 — top-5 %, mAP@1.0 %):
   old/old 84.0 — 93.5, 44.6    new/old 0.2 — 1.0, 0.2    new/new 96.6 — 98.4, 77.8
   FCT (alternate-old side-info): h/h 87.2 — 94.9, 53.4    new/h 92.5 — 97.5, 62.6
   BCT: new_bct/old 84.2 — 93.9, 45.0    new_bct/new_bct 95.1 — 98.3, 74.3
+
+FastFill (Jaeckle et al., ICLR 2023): stages ``transformation_fastfill_none`` (ψ = 0) and
+``transformation_fastfill`` (ψ = the alternate old model) train h with h's recipe plus an uncertainty head and
+FastFill's loss (rows new/h[fastfill,none], new/h[fastfill]).
+The evaluation draws the partial-backfilling curve of every h in random order, in distance order (an oracle) and,
+for FastFill's h, in σ order (largest predicted uncertainty first), each summarised by its AUC: the mean over the
+22 grid points f = i/21 (results.md, backfill.png). FastFill's discriminative term goes through the new
+model's classifier, here its ArcFace head. FastFill publishes no VGGFace2 numbers.
 
 Tiny form on ``tfds.testing.mock_data``: ``--config=configs/vggface2.py:runlocal`` (the same plan: ArcFace heads on
 the tiny CNN, alternate-old side-information).

@@ -23,10 +23,10 @@ from fct_jax.data import augment, sources
 from fct_jax.errors import FCTError
 from fct_jax.models.composite import InputStandardized, SimCLRModel
 
-# Side-information methods that train a stage (``none``, zeros, needs none); those that train a classifier (an
-# alternate old model) are ``config_schema.CLASSIFIER_METHODS``.
-SIDE_INFO_METHODS = ("simclr", "autoencoder", "alt_old", "alt_old_mixup")
-SIDE_INFO_KINDS = ("none",) + SIDE_INFO_METHODS
+# Side-information methods that train a stage (``none``, zeros, and ``old``, ψ := φ_old, need none); those that train
+# a classifier (an alternate old model) are ``config_schema.CLASSIFIER_METHODS``.
+SIDE_INFO_METHODS = config_schema.SIDE_INFO_METHODS
+SIDE_INFO_KINDS = config_schema.SIDE_INFO_KINDS
 
 
 @dataclasses.dataclass
@@ -161,10 +161,17 @@ def side_encoder(cfg):
   return model.encoder, lambda variables: {col: t["encoder"] for col, t in variables.items() if "encoder" in t}
 
 
+def sigma_dim(cfg) -> int:
+  """Width of h's uncertainty head for a transformation config: FastFill's ``fastfill.sigma_dim``, else 0."""
+  return int(cfg.fastfill.sigma_dim) if cfg.method == "fastfill" else 0
+
+
 def build_h(cfg, old_dim: int, new_dim: int):
-  """h (or g) of a transformation stage config, for the given input and target widths."""
+  """h (or g) of a transformation stage config, for the given input and target widths (with FastFill's
+  uncertainty head when ``cfg.method == "fastfill"``)."""
+  extra = {"sigma_dim": sigma_dim(cfg)} if sigma_dim(cfg) else {}
   return models.get_model(cfg.model.name, old_dim=old_dim, side_dim=int(cfg.side_info.dim), new_dim=new_dim,
-                          **model_kwargs(cfg.model))
+                          **model_kwargs(cfg.model), **extra)
 
 
 # --------------------------------------------------------------------------------------- side-information
@@ -222,6 +229,17 @@ def load_side_info(ctx: Context, stage: str, needed_by: str) -> SideInfo:
   return SideInfo(cfg.method, int(shape.shape[-1]), apply, variables, stage)
 
 
+def old_as_side_info(ctx: Context, stage: str, needed_by: str) -> SideInfo:
+  """The old backbone ``stage`` as side-information (``side_info.kind="old"``: ψ := φ_old); its :attr:`SideInfo.stage`
+  is the backbone stage, whose embeddings callers may already hold."""
+  module, variables, ocfg = load_backbone(ctx, stage, needed_by)
+
+  def apply(v, images):
+    return module.apply(v, images, train=False)["embedding"].astype(jnp.float32)
+
+  return SideInfo("old", int(ocfg.model.embedding_dim), apply, variables, stage)
+
+
 def side_info_for(cfg, ctx: Context, cache: Optional[Dict[str, SideInfo]] = None) -> SideInfo:
   """The frozen ψ a transformation config asks for, checked against it (kind and width).
 
@@ -234,6 +252,12 @@ def side_info_for(cfg, ctx: Context, cache: Optional[Dict[str, SideInfo]] = None
     raise FCTError(f"unknown side_info.kind {kind!r}; valid: {', '.join(SIDE_INFO_KINDS)}")
   if kind == "none":
     return zero_side_info(dim)
+  if kind == "old":  # ψ := φ_old (the official FastFill code's "no side-info"): the old backbone itself
+    psi = old_as_side_info(ctx, cfg.old, cfg.name)
+    if psi.dim != dim:
+      raise FCTError(f"stage {cfg.name!r}: side_info.kind='old' feeds φ_old ({psi.dim}-d) as ψ but "
+                     f"side_info.dim={dim}; set side_info.dim={psi.dim}")
+    return psi
   if not si.stage:
     raise FCTError(f"stage {cfg.name!r}: side_info.kind={kind!r} needs side_info.stage, the side_info stage to load")
   cache = {} if cache is None else cache
@@ -271,6 +295,7 @@ class Transformation:
     module: the rebuilt h module; ``variables``: its saved variables.
     dims: ``{"old", "side", "new"}`` widths (``new``: the target's, φ_new or ψ_{i+1}).
     target_kind: ``"backbone"`` (h) or ``"side_info"`` (g).
+    sigma_dim: width of FastFill's uncertainty head (0: plain h).
   """
   name: str
   cfg: Any
@@ -278,20 +303,29 @@ class Transformation:
   variables: Any
   dims: Dict[str, int]
   target_kind: str
+  sigma_dim: int = 0
 
   def __post_init__(self):
     module = self.module
-    self._apply = jax.jit(lambda v, old, psi: module.apply(v, old, psi, train=False)["embedding"])
+    self._apply = jax.jit(lambda v, old, psi: module.apply(v, old, psi, train=False))
 
-  def __call__(self, old: np.ndarray, psi: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """h(old [N, d_old], ψ [N, d_side]) → [N, d_new] numpy, eval mode, in batches; widths checked."""
+  def with_uncertainty(self, old: np.ndarray, psi: np.ndarray,
+                       batch_size: int = 4096) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """``(h(old, ψ) [N, d_new], s [N, sigma_dim] or None)``: the embedding and FastFill's predicted log σ² from one
+    pass of h (eval mode, in batches; widths checked); s is None for a plain h."""
     for what, x, d in (("φ_old", old, self.dims["old"]), ("ψ", psi, self.dims["side"])):
       if np.ndim(x) != 2 or x.shape[1] != d:
         raise FCTError(f"transformation {self.name!r} takes {d}-d {what} but got an array of shape "
                        f"{tuple(np.shape(x))}")
-    outs = [np.asarray(self._apply(self.variables, old[i:i + batch_size], psi[i:i + batch_size]))
+    outs = [jax.device_get(self._apply(self.variables, old[i:i + batch_size], psi[i:i + batch_size]))
             for i in range(0, len(old), batch_size)]
-    return np.concatenate(outs)
+    emb = np.concatenate([np.asarray(o["embedding"]) for o in outs])
+    log_var = np.concatenate([np.asarray(o["log_var"]) for o in outs]) if self.sigma_dim else None
+    return emb, log_var
+
+  def __call__(self, old: np.ndarray, psi: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """h(old [N, d_old], ψ [N, d_side]) → [N, d_new] numpy, eval mode, in batches; widths checked."""
+    return self.with_uncertainty(old, psi, batch_size)[0]
 
 
 def load_transformation(ctx: Context, stage: str, needed_by: str) -> Transformation:
@@ -306,7 +340,7 @@ def load_transformation(ctx: Context, stage: str, needed_by: str) -> Transformat
           "new": upstream_width(ctx, cfg.new, stage, new_config)}
   h = build_h(cfg, dims["old"], dims["new"])
   _check_h_variables(h, variables, dims, stage, needed_by)
-  return Transformation(stage, cfg, h, variables, dims, kind)
+  return Transformation(stage, cfg, h, variables, dims, kind, sigma_dim(cfg))
 
 
 def _check_h_variables(h, variables, dims, stage, needed_by):

@@ -22,7 +22,8 @@ import ml_collections
 
 from fct_jax.errors import FCTError
 
-SCHEMA_VERSION = 2  # 2: the evaluation stage's ``orderings``
+SCHEMA_VERSION = 3  # 2: the evaluation stage's ``orderings``; 3: FastFill (``method``, ``fastfill``, ``report``'s
+# ``backfill_orderings``, the i/21 backfilling grid)
 
 # The values of the fields with a fixed set of them (the library imports these: config files import only this module,
 # so that no jax is imported at config time). ``CLASSIFIER_METHODS``: the side-information methods that train a
@@ -31,6 +32,15 @@ LOSS_KINDS = ("softmax", "arcface")
 INPUT_NORMS = ("none", "image")
 CLASSIFIER_METHODS = ("alt_old", "alt_old_mixup")
 FEATURE_MODES = ("online", "cached")
+# How a transformation is trained: ``fct`` (the L2 loss, plain h) or ``fastfill`` (Jaeckle et al., ICLR 2023: h with
+# an uncertainty head, the new model's frozen classifier on h, the uncertainty-weighted loss).
+TRANSFORMATION_METHODS = ("fct", "fastfill")
+# The methods of a side_info stage, and ψ of a transformation: ``none`` (zeros), ``old`` (ψ := φ_old, the official
+# FastFill code's "no side-info") or a side_info stage's method.
+SIDE_INFO_METHODS = ("simclr", "autoencoder", "alt_old", "alt_old_mixup")
+SIDE_INFO_KINDS = ("none", "old") + SIDE_INFO_METHODS
+# Orders in which a gallery is backfilled (fct_jax.retrieval.backfill): ``sigma`` needs h's uncertainty head.
+BACKFILL_ORDERINGS = ("random", "sigma", "distance")
 
 
 class ConfigError(FCTError, ValueError):
@@ -90,9 +100,17 @@ _COMMON = {"name": Required(str), "kind": Required(str), "data": Required(dict),
            "eval_batch_size": 256, "eval_augment": "default"}
 _TRAINED = dict(_COMMON, seed=Required(int), model=MODEL, train=TRAIN, augment="none", prng_impl="rbg")
 
-# Report options of the evaluation stages (fct_jax.retrieval.summary.summarize): the last CMC cut-off of the curves
-# and the backfilled fractions of the partial-backfilling curve.
-REPORT = {"max_k": 20, "backfill_fractions": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]}
+# Report options of the evaluation stages (fct_jax.retrieval.summary.summarize): the last CMC cut-off of the curves,
+# the backfilled fractions of the partial-backfilling curves (FastFill's protocol: i/21, i = 0…21, the first
+# ⌊f·n⌋ items of an ordering backfilled) and the orderings drawn for every transformed gallery (``sigma`` only where
+# h has an uncertainty head).
+BACKFILL_GRID = [i / 21 for i in range(22)]
+REPORT = {"max_k": 20, "backfill_fractions": BACKFILL_GRID, "backfill_orderings": ["random", "sigma", "distance"]}
+
+# FastFill's loss (``method="fastfill"``; the official recipe): per item ℓ = mu_sim · mean_d (h − φ_new)² + mu_disc ·
+# label-smoothed CE(κ_new(h), y) through the new model's frozen classifier κ_new, total mean(½ e^{−s} ℓ + mu_unc · s)
+# with s = log σ² from h's uncertainty head of width ``sigma_dim`` (1, or the embedding width; 0: no head, mean(ℓ)).
+FASTFILL = {"sigma_dim": 1, "mu_sim": 1.0, "mu_disc": 1.0, "mu_unc": 0.5, "label_smoothing": 0.1}
 
 # Experiment-level fields (beside ``experiment``, ``plan``, ``stages``, ``stage``; not stage fields): ``seeds``, how
 # many seed sets the plan runs (1: the plan as written; N > 1: once per seed set in WORKDIR/seed_<i>/, then the
@@ -107,8 +125,10 @@ KINDS = {
                 "augment": "simclr",
                 "views": SIMCLR_VIEWS}),
     "transformation": dict(_TRAINED, old="old", new="new", side_info={"kind": "none", "dim": 0, "stage": ""},
-                           bn_eval_after=0.5, feature_mode="online", cache_views=1),
-    # ``orderings``: claims "case_a > case_b" on CMC top-1 that the multi-seed report checks seed by seed.
+                           bn_eval_after=0.5, feature_mode="online", cache_views=1, method="fct",
+                           fastfill=FASTFILL),
+    # ``orderings``: claims "case_a > case_b" on CMC top-1 (or "gallery:ordering > gallery:ordering" on the
+    # backfilling curves' AUC top-1) that the multi-seed report checks seed by seed.
     "evaluation": dict(_COMMON, old="old", new="new", bct="", transformation="transformation",
                        compare_transformations=[], probe_fields=["label"], paper_table="", report=REPORT,
                        orderings=[]),
@@ -117,8 +137,13 @@ KINDS = {
                                 paper_table="", transformation=""),
 }
 
-# Fields with a fixed set of values (dotted path → values), checked after the merge.
-CHOICES = {"loss.kind": LOSS_KINDS, "input_norm": INPUT_NORMS, "feature_mode": FEATURE_MODES}
+# Fields with a fixed set of values, per stage kind (dotted path → values), checked after the merge.
+CHOICES = {
+    "backbone": {"loss.kind": LOSS_KINDS},
+    "side_info": {"loss.kind": LOSS_KINDS, "input_norm": INPUT_NORMS, "method": SIDE_INFO_METHODS},
+    "transformation": {"feature_mode": FEATURE_MODES, "method": TRANSFORMATION_METHODS,
+                       "side_info.kind": SIDE_INFO_KINDS},
+}
 
 
 def _plain(value):
@@ -195,7 +220,7 @@ def kind_spec(stage_cfg: Mapping) -> dict:
 
 
 def _check_choices(cfg: dict, stage: str):
-  for path, valid in CHOICES.items():
+  for path, valid in CHOICES.get(cfg["kind"], {}).items():
     block, _, field = path.rpartition(".")
     holder = cfg.get(block, {}) if block else cfg
     if field in holder and holder[field] not in valid:

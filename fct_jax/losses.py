@@ -31,10 +31,16 @@ def softmax_cross_entropy(*, logits, labels, label_smoothing: float = 0.0):
   Returns:
     scalar float32.
   """
+  return jnp.mean(softmax_cross_entropy_per_item(logits=logits, labels=labels, label_smoothing=label_smoothing))
+
+
+def softmax_cross_entropy_per_item(*, logits, labels, label_smoothing: float = 0.0):
+  """Per-item softmax cross-entropy with label smoothing ([B] float32): :func:`softmax_cross_entropy` before the
+  mean (ml-fct's ``LabelSmoothing(reduction="none")``: (1 − ε)·NLL + ε·mean_c(−log p_c), the same targets)."""
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) if label_smoothing else \
       jax.nn.one_hot(labels, num_classes)
-  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def l2_transformation_loss(*, pred, target):
@@ -192,6 +198,74 @@ def classification_loss(*, logits, labels, kind: str = "softmax", label_smoothin
   return softmax_cross_entropy(logits=logits, labels=labels, label_smoothing=label_smoothing)
 
 
+def classification_loss_per_item(*, logits, labels, kind: str = "softmax", label_smoothing: float = 0.0,
+                                 scale: Optional[float] = None, margin: Optional[float] = None):
+  """:func:`classification_loss` per item ([B] float32), before the mean over the batch."""
+  if kind not in LOSS_KINDS:
+    raise ValueError(f"unknown classification loss kind {kind!r}; valid: {', '.join(LOSS_KINDS)}")
+  if kind == "arcface":
+    if scale is None or margin is None:
+      raise ValueError("the arcface loss needs its scale and margin")
+    logits = arcface_logits(cosine=logits, labels=labels, scale=scale, margin=margin)
+  return softmax_cross_entropy_per_item(logits=logits, labels=labels, label_smoothing=label_smoothing)
+
+
+def frozen_classifier_logits(*, embedding, classifier, kind: str = "softmax", bias=None):
+  """Logits of ``embedding`` [B, D] through a frozen classifier kernel [D, C] (no gradient into the kernel; the
+  gradient flows into the embedding): ``embedding · W (+ bias)`` for a linear head, the cosines of an ArcFace head
+  (``kind="arcface"``; a zero column gives cosine 0). BCT's influence loss and FastFill's discriminative loss."""
+  if embedding.shape[-1] != classifier.shape[0]:
+    raise ValueError(f"embedding width {embedding.shape[-1]} != classifier input width {classifier.shape[0]}")
+  emb = embedding.astype(jnp.float32)
+  w = jax.lax.stop_gradient(classifier).astype(jnp.float32)
+  if kind == "arcface":
+    return cosine_logits(emb, w)
+  logits = jnp.dot(emb, w)
+  return logits if bias is None else logits + jax.lax.stop_gradient(bias).astype(jnp.float32)
+
+
+def fastfill_loss(*, pred, target, log_var=None, logits=None, labels=None, mu_sim: float = 1.0, mu_disc: float = 1.0,
+                  mu_unc: float = 0.5, label_smoothing: float = 0.1, kind: str = "softmax",
+                  scale: Optional[float] = None, margin: Optional[float] = None):
+  """FastFill's transformation loss (Jaeckle et al., ICLR 2023; ml-fct@1a7f8b5 ``UncertaintyLoss``).
+
+  Per item ℓ = mu_sim · mean_d (h − φ_new)² + mu_disc · CE(κ_new(h), y), the CE label-smoothed with the new model's
+  own loss ``kind`` (``logits``: κ_new(h), see :func:`frozen_classifier_logits`); the total is
+  mean_B(½ e^{−s} ℓ + mu_unc · s) with s = ``log_var`` [B, 1] (σ² the predicted error variance: items h maps badly
+  learn a large s instead of dominating the loss). Without ``log_var``: mean_B(ℓ). With a per-dimension s [B, D]
+  each dimension's weight e^{−s_d} applies to that dimension's squared error and their mean to the CE, and the
+  regulariser is mu_unc · mean_d s_d; this equals the width-1 loss when every s_d is equal. (ml-fct's code only
+  broadcasts correctly for width 1.)
+
+  With s ≡ 0 and mu_disc = 0 the loss is ½ · :func:`l2_transformation_loss`.
+
+  Args:
+    pred: [B, D] h(φ_old, ψ); target: [B, D] φ_new.
+    log_var: [B, 1] or [B, D] s, or None.
+    logits: [B, C] κ_new(h) (needed when mu_disc ≠ 0); labels: [B] int.
+    mu_sim, mu_disc, mu_unc, label_smoothing: the loss weights and ε.
+    kind, scale, margin: the new model's classification loss (``classification_loss_per_item``).
+  Returns:
+    scalar float32.
+  """
+  diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
+  sq = diff * diff
+  ce = 0.0
+  if mu_disc:
+    if logits is None or labels is None:
+      raise ValueError("the FastFill loss with mu_disc != 0 needs the new classifier's logits and the labels")
+    ce = classification_loss_per_item(logits=logits, labels=labels, kind=kind, label_smoothing=label_smoothing,
+                                      scale=scale, margin=margin)
+  if log_var is None:
+    return jnp.mean(mu_sim * jnp.mean(sq, axis=-1) + mu_disc * ce)
+  s = log_var.astype(jnp.float32)
+  if s.ndim != 2 or s.shape[-1] not in (1, sq.shape[-1]):
+    raise ValueError(f"log_var must be [B, 1] or [B, {sq.shape[-1]}], got {tuple(s.shape)}")
+  w = jnp.exp(-s)
+  weighted = mu_sim * jnp.mean(w * sq, axis=-1) + mu_disc * jnp.mean(w, axis=-1) * ce
+  return jnp.mean(0.5 * weighted + mu_unc * jnp.mean(s, axis=-1))
+
+
 def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing: float = 0.0,
                        kind: str = "softmax", scale: Optional[float] = None, margin: Optional[float] = None):
   """BCT's influence loss: the old model's own classification loss of the new embedding through its frozen classifier.
@@ -214,10 +288,7 @@ def bct_influence_loss(*, new_embedding, old_classifier, labels, label_smoothing
   if new_embedding.shape[-1] != old_classifier.shape[0]:
     raise ValueError(f"BCT needs equal embedding widths: new {new_embedding.shape[-1]} vs old classifier "
                      f"{old_classifier.shape[0]}")
-  emb = new_embedding.astype(jnp.float32)
-  w = jax.lax.stop_gradient(old_classifier).astype(jnp.float32)
-  # arcface: the ArcFaceHead's cosines; a zero column (a new class without examples) gives cosine 0.
-  logits = cosine_logits(emb, w) if kind == "arcface" else jnp.dot(emb, w)
+  logits = frozen_classifier_logits(embedding=new_embedding, classifier=old_classifier, kind=kind)
   return classification_loss(logits=logits, labels=labels, kind=kind, label_smoothing=label_smoothing, scale=scale,
                              margin=margin)
 

@@ -69,3 +69,10 @@ def test_input_bench(tmp_path):
                    "48", "--width", "64")
   assert result["num_images"] == 8
   assert all(v > 0 for v in result["images_per_s"].values()), result["images_per_s"]
+
+
+def test_backfill_bench(tmp_path):
+  result, _ = _run(tmp_path, "backfill_bench.py", "--tiny", "--repeats", "1")
+  rows = result["rows"]
+  assert rows["partial"]["items"] == int(result["budget"] * result["n"]) and rows["full"]["items"] == result["n"]
+  assert all(r["items_per_s"] > 0 for r in (rows["partial"], rows["full"])), rows

@@ -221,14 +221,16 @@ def test_digits_splits():
 def test_config_forms(cfg_name):
   mod = importlib.import_module(f"configs.{cfg_name}")
   full = mod.get_config("data_dir=gs://b/tfds" if cfg_name != "digits" else None)
-  # Every Table-1 row: SimCLR side-info, BCT baseline, h without and with ψ.
-  assert full.plan == ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "eval"]
+  # Every Table-1 row: SimCLR side-info, BCT baseline, h without and with ψ; FastFill's h without and with ψ.
+  assert full.plan == ["old", "side_info", "new", "bct_new", "transformation_none", "transformation",
+                       "transformation_fastfill_none", "transformation_fastfill", "eval"]
   if cfg_name == "digits":  # the reference's proportions: h 0.8 × the backbone epochs, SimCLR as many; no flips
     st = full.stages
     assert st["transformation"]["train"]["epochs"] == 0.8 * st["old"]["train"]["epochs"]
     assert st["side_info"]["train"]["epochs"] == st["old"]["train"]["epochs"] == st["bct_new"]["train"]["epochs"]
     assert st["side_info"]["method"] == "simclr" and not st["side_info"]["simclr"]["views"]["flip"]
-    assert st["eval"]["bct"] == "bct_new" and len(st["eval"]["orderings"]) == 4
+    assert st["eval"]["bct"] == "bct_new" and len(st["eval"]["orderings"]) == 8
+    assert st["transformation_fastfill"]["method"] == "fastfill"
   else:
     side = full.stages["side_info"]
     if cfg_name == "vggface2":  # Table 3: ArcFace everywhere, the alternate old model as side-information

@@ -32,9 +32,10 @@ def no_data(monkeypatch):
                                               and a == "ablation")])
 def test_every_config_prints_its_plan(name, arg, tmp_path, capsys, no_data):
   config = importlib.import_module(f"configs.{name}").get_config(arg or None)
-  if arg == "ablation":  # Table 6: every side-information kind gets its own h and row
+  if arg == "ablation":  # Table 6: every side-information kind gets its own h and row (beside FastFill's h's)
     assert config.stages.eval.compare_transformations == [
-        "transformation_none", "transformation", "transformation_ae", "transformation_alt", "transformation_altmix"]
+        "transformation_none", "transformation", "transformation_fastfill_none", "transformation_fastfill",
+        "transformation_ae", "transformation_alt", "transformation_altmix"]
   wd = tmp_path / "wd"
   plan = experiment.dry_run(config, str(wd))
   out = capsys.readouterr().out
@@ -121,6 +122,12 @@ def test_steps_per_call_without_device_arrays_is_refused_up_front(stage, changes
 # ------------------------------------------------------------------------------------ resolved configs
 
 
+def _stage_block(out: str, config, name: str) -> str:
+  """The dry run's printed lines of stage ``name`` (up to the next stage's)."""
+  start = out.index(f". {name} [{config.stages[name].kind}]")
+  return out[start:out.find("\n" + str(list(config.plan).index(name) + 2) + ". ", start)]
+
+
 def test_imagenet_dry_run_shows_every_resolved_field(tmp_path, capsys, no_data):
   """The dry run prints each stage's complete config: optimizer, schedule, epochs, batch, augmentation,
   eval_augment and the dataset's normalisation, besides the sizes and steps."""
@@ -128,8 +135,7 @@ def test_imagenet_dry_run_shows_every_resolved_field(tmp_path, capsys, no_data):
   experiment.dry_run(config, str(tmp_path / "wd"))
   out = capsys.readouterr().out
   for name, scfg in experiment.stage_configs(config):
-    start = out.index(f". {name} [{scfg.kind}]")
-    block = out[start:out.find("\n" + str(list(config.plan).index(name) + 2) + ". ", start)]
+    block = _stage_block(out, config, name)
     for key, value in experiment._flatten(scfg.to_dict()).items():  # pylint: disable=protected-access
       assert f"       {key} = {value!r}" in block, (name, key)
     assert "data normalisation: mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in block
@@ -138,6 +144,53 @@ def test_imagenet_dry_run_shows_every_resolved_field(tmp_path, capsys, no_data):
                "train.batch_size = 1024", "augment = 'inception_crop_flip'", "eval_augment = 'resize256_crop224'"):
     assert f"       {line}\n" in out, line
   assert old.train.optimizer.warmup_epochs == 5
+
+
+PAPER_CONFIGS = ("imagenet", "places365", "vggface2", "cifar100")
+FASTFILL_STAGES = ("transformation_fastfill_none", "transformation_fastfill")
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n in PAPER_CONFIGS for a in ("", "runlocal")])
+def test_paper_configs_plan_fastfill_with_the_official_recipe(name, arg, tmp_path, capsys, no_data):
+  """Every paper config trains FastFill's two h's (ψ = 0 and ψ = the plan's side-information) with FCT's h recipe
+  plus the official FastFill loss (ml-fct@1a7f8b5 configs/*_fastfill_transformation.yaml), compares them in eval,
+  and its dry run prints that recipe."""
+  config = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  plan = list(config.plan)
+  assert plan[plan.index("transformation") + 1:plan.index("transformation") + 3] == list(FASTFILL_STAGES)
+  assert config.stages.eval.compare_transformations[-2:] == list(FASTFILL_STAGES)
+  assert config.stages.eval.report.backfill_orderings == ["random", "sigma", "distance"]
+  assert config.stages.eval.report.backfill_fractions == pytest.approx([i / 21 for i in range(22)])
+  fct = {"transformation_fastfill_none": config.stages.transformation_none,
+         "transformation_fastfill": config.stages.transformation}
+  for stage in FASTFILL_STAGES:
+    ff = config.stages[stage].to_dict()
+    assert ff["kind"] == "transformation" and ff["method"] == "fastfill"
+    assert ff["fastfill"] == {"sigma_dim": 1, "mu_sim": 1.0, "mu_disc": 1.0, "mu_unc": 0.5, "label_smoothing": 0.1}
+    # One recipe: everything else is the FCT transformation's with the same side-information.
+    twin = fct[stage].to_dict()
+    assert twin["method"] == "fct"
+    assert {k: v for k, v in ff.items() if k not in ("name", "method", "fastfill")} == {
+        k: v for k, v in twin.items() if k not in ("name", "method", "fastfill")}
+  assert config.stages.transformation_fastfill_none.side_info.kind == "none"
+  assert config.stages.transformation_fastfill.side_info.stage == "side_info"
+  if not arg:  # the reference recipe of ml-fct's (FastFill) transformation
+    ff = config.stages.transformation_fastfill
+    assert (ff.train.optimizer.name, ff.train.optimizer.lr, ff.train.optimizer.weight_decay) == (
+        "adam", 5e-4, 3.0517578125e-5)
+    assert (ff.train.optimizer.schedule, ff.train.optimizer.warmup_epochs) == ("cosine", 5)
+    assert (ff.train.epochs, ff.train.batch_size, ff.bn_eval_after) == (80.0, 1024, 0.5)
+    assert (ff.model.name, ff.model.inner_dim) == ("fct_mlp", 2048)
+  experiment.dry_run(config, str(tmp_path / "wd"))
+  out = capsys.readouterr().out
+  for stage in FASTFILL_STAGES:
+    block = _stage_block(out, config, stage)
+    assert f". {stage} [transformation] to run" in block
+    for line in ("method = 'fastfill'", "fastfill.sigma_dim = 1", "fastfill.mu_sim = 1.0", "fastfill.mu_disc = 1.0",
+                 "fastfill.mu_unc = 0.5", "fastfill.label_smoothing = 0.1", "train.optimizer.name = 'adam'",
+                 "train.optimizer.lr = 0.0005", f"train.epochs = {config.stages[stage].train.epochs!r}"):
+      assert f"       {line}\n" in block, (stage, line)
+  assert "       method = 'fct'\n" in _stage_block(out, config, "transformation")
 
 
 def test_config_json_is_the_resolved_config(tmp_path):

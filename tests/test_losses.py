@@ -214,3 +214,45 @@ def test_classification_loss_dispatches_on_kind():
       losses.arcface_loss(cosine=cosine, labels=labels, scale=30.0, margin=0.3), rtol=1e-6)
   with pytest.raises(ValueError, match="unknown classification loss kind 'triplet'"):
     losses.classification_loss(logits=cosine, labels=labels, kind="triplet")
+
+
+def test_fastfill_loss_reduces_to_half_mse_and_weights_by_uncertainty():
+  rng = np.random.default_rng(0)
+  pred, target = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((6, 5)).astype(np.float32)
+  mse = float(losses.l2_transformation_loss(pred=pred, target=target))
+  zero = np.zeros((6, 1), np.float32)
+  assert float(losses.fastfill_loss(pred=pred, target=target, log_var=zero, mu_disc=0.0)) == pytest.approx(0.5 * mse)
+  assert float(losses.fastfill_loss(pred=pred, target=target, mu_disc=0.0)) == pytest.approx(mse)  # no head
+  # Against the official formula (per item ℓ, ½ e^{-s} ℓ + μ_unc s), with the label-smoothed CE.
+  s = rng.standard_normal((6, 1)).astype(np.float32)
+  logits, labels = rng.standard_normal((6, 3)).astype(np.float32), np.array([0, 1, 2, 0, 1, 2])
+  logp = _np_log_softmax(logits)
+  ce = 0.9 * -logp[np.arange(6), labels] + 0.1 * -logp.mean(1)
+  ell = ((pred - target) ** 2).mean(1) + 2.0 * ce
+  want = np.mean(0.5 * np.exp(-s[:, 0]) * ell + 0.25 * s[:, 0])
+  got = losses.fastfill_loss(pred=pred, target=target, log_var=s, logits=logits, labels=labels, mu_disc=2.0,
+                             mu_unc=0.25, label_smoothing=0.1)
+  assert float(got) == pytest.approx(want, rel=1e-5)
+  # A per-dimension s with equal entries is the width-1 loss.
+  wide = losses.fastfill_loss(pred=pred, target=target, log_var=np.tile(s, (1, 5)), logits=logits, labels=labels,
+                              mu_disc=2.0, mu_unc=0.25, label_smoothing=0.1)
+  assert float(wide) == pytest.approx(float(got), rel=1e-5)
+  with pytest.raises(ValueError, match="logits"):
+    losses.fastfill_loss(pred=pred, target=target, log_var=s)
+
+
+def test_fastfill_gradient_reaches_h_not_the_frozen_classifier():
+  rng = np.random.default_rng(1)
+  pred, target = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+  kernel, labels = rng.standard_normal((3, 5)).astype(np.float32), np.array([0, 1, 2, 3])
+
+  def f(p, w):
+    logits = losses.frozen_classifier_logits(embedding=p, classifier=w)
+    return losses.fastfill_loss(pred=p, target=target, log_var=np.zeros((4, 1), np.float32), logits=logits,
+                                labels=labels)
+
+  g_pred, g_kernel = jax.grad(f, argnums=(0, 1))(pred, kernel)
+  assert np.abs(np.asarray(g_kernel)).max() == 0.0  # κ_new is not updated
+  g_sim = jax.grad(lambda p: losses.fastfill_loss(pred=p, target=target, log_var=np.zeros((4, 1), np.float32),
+                                                  mu_disc=0.0))(pred)
+  assert np.abs(np.asarray(g_pred) - np.asarray(g_sim)).max() > 1e-4  # the CE's gradient flows through κ_new into h

@@ -289,23 +289,62 @@ def test_linear_cka():
     cka.linear_cka(x, y[:10])
 
 
-def test_backfill_curve_endpoints_and_orders():
-  rng = np.random.default_rng(8)
-  labels = rng.integers(0, 4, 48)
-  new = (np.eye(4)[labels] * 3 + rng.standard_normal((48, 4)) * 0.5).astype(np.float32)
-  transformed = new + rng.standard_normal((48, 4)).astype(np.float32) * 2
-  fr = (0.0, 0.5, 1.0)
-  r = backfill.backfill_curve(transformed, new, labels, fractions=fr, mesh=MESH1, query_block=16)
-  assert r["fractions"] == [0.0, 0.5, 1.0] and len(r["mAP"]) == 3
+def _backfill_data(n=48, d=4, seed=8):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 4, n)
+  new = (np.eye(d)[labels % d] * 3 + rng.standard_normal((n, d)) * 0.5).astype(np.float32)
+  transformed = new + rng.standard_normal((n, d)).astype(np.float32) * 2
+  return labels, new, transformed
+
+
+def test_backfill_curve_endpoints_grid_and_auc():
+  labels, new, transformed = _backfill_data()
+  r = backfill.backfill_curve(transformed, new, labels, mesh=MESH1, query_block=16)
+  assert len(r["fractions"]) == 22 and r["fractions"][1] == pytest.approx(1 / 21)
+  assert backfill.cutoffs(r["fractions"], 48).tolist() == [(i * 48) // 21 for i in range(22)]  # the official cut
+  # β = 0 is new/h and β = 1 is new/new exactly, whether recomputed or read from the case statistics.
   start = retrieval.evaluate(new, transformed, labels, labels, query_is_gallery=True, mesh=MESH1)
   end = retrieval.evaluate(new, new, labels, labels, query_is_gallery=True, mesh=MESH1)
-  assert r["mAP"][0] == start["mAP"] and r["mAP"][-1] == end["mAP"]
-  assert r["auc"]["mAP"] == pytest.approx((r["mAP"][0] + 2 * r["mAP"][1] + r["mAP"][2]) / 4)
+  for k in backfill.METRICS:
+    assert r[k][0] == start[k] and r[k][-1] == end[k]
+    assert r["auc"][k] == pytest.approx(np.mean(r[k]))  # the AUC is the mean over the grid points
+  ends = tuple(metrics.checked_stats(new, g, labels, labels, query_is_gallery=True, mesh=MESH1)
+               for g in (transformed, new))
+  assert backfill.backfill_curve(transformed, new, labels, ends=ends, mesh=MESH1) == r
+
+
+def test_backfill_orders_are_permutations():
+  labels, new, transformed = _backfill_data()
   gap = np.linalg.norm(transformed - new, axis=1)
+  s = np.random.default_rng(1).standard_normal((48, 1))
+  s[3] = s[7] = s.max() + 1  # a tie: the lower index first
+  for order, kw in (("random", {}), ("distance", {}), ("sigma", {"log_var": s})):
+    p = backfill.backfill_order(transformed, new, order, **kw)
+    np.testing.assert_array_equal(np.sort(p), np.arange(48))
   np.testing.assert_array_equal(backfill.backfill_order(transformed, new, "distance"), np.argsort(-gap))
-  np.testing.assert_array_equal(backfill.backfill_order(transformed, new, gap), np.argsort(-gap))
+  sig = backfill.backfill_order(transformed, new, "sigma", log_var=s)
+  assert sig[:2].tolist() == [3, 7] and np.all(np.diff(s[sig, 0]) <= 0)
+  wide = np.tile(s, (1, 4)) + np.array([0, 1, -1, 0])  # per-dimension s: ordered by its mean
+  np.testing.assert_array_equal(backfill.backfill_order(transformed, new, "sigma", log_var=wide), sig)
   with pytest.raises(ValueError, match="order must be"):
     backfill.backfill_order(transformed, new, "oracle")
+  with pytest.raises(ValueError, match="uncertainty"):
+    backfill.backfill_order(transformed, new, "sigma")
+  with pytest.raises(ValueError, match="finite"):
+    backfill.backfill_order(transformed, new, "sigma", log_var=np.full(48, np.nan))
+
+
+def test_backfill_curves_key_galleries_and_skip_sigma_without_uncertainty():
+  labels, new, transformed = _backfill_data()
+  s = np.linalg.norm(transformed - new, axis=1, keepdims=True)  # a perfect uncertainty: sigma = distance
+  out = backfill.backfill_curves(new, {"h[none]": (transformed, None), "h[fastfill]": (transformed, s)}, labels,
+                                 mesh=MESH1)
+  assert list(out) == ["h[none]:random", "h[none]:distance", "h[fastfill]:random", "h[fastfill]:sigma",
+                       "h[fastfill]:distance"]
+  assert out["h[fastfill]:sigma"]["cmc_top1"] == out["h[fastfill]:distance"]["cmc_top1"]
+  assert out["h[fastfill]:sigma"]["gallery"] == "h[fastfill]" and out["h[fastfill]:sigma"]["ordering"] == "sigma"
+  with pytest.raises(ValueError, match="unknown backfill ordering"):
+    backfill.backfill_curves(new, {"h": (transformed, None)}, labels, orderings=("oracle",), mesh=MESH1)
 
 
 def test_reduce_pairs_counts_past_16_bits():

@@ -16,7 +16,8 @@ from fct_jax.errors import FCTError, NonFiniteError
 from fct_jax.stages import backbone
 from fct_jax.data import sources
 
-STAGES = ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "eval"]
+STAGES = ["old", "side_info", "new", "bct_new", "transformation_none", "transformation", "transformation_fastfill_none",
+          "transformation_fastfill", "eval"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -459,3 +459,50 @@ def test_longer_sequence_end_to_end(tmp_path):
   chain = res["hop_errors"]["v4/h4(h3(h2(v1)))"]
   assert [(e["h"], e["g"]) for e in chain] == [("h2", "g2"), ("h3", "g3"), ("h4", "")]
   assert all(np.isfinite(e["psi_rel_sq_err"]) for e in chain[:2])
+
+
+def test_fastfill_stage_trains_h_with_uncertainty_in_both_modes(seq_run):
+  """FastFill (method="fastfill"): h gains the uncertainty head, the loss reads the labels and φ_new's frozen
+  classifier, in the online and the cached mode; the loaded h returns s beside the embedding."""
+  wd, _ = seq_run
+  ctx = artifacts.Context(workdir=wd)
+  new_before = _model(os.path.join(wd, "v2"))
+  for mode in ("online", "cached"):
+    name = f"h2_ff_{mode}"
+    cfg = _stage_cfg("h2", name=name, feature_mode=mode, method="fastfill")
+    finished, d = _run_stage(cfg, wd, name)
+    assert finished
+    hist = stage_logs.records(d)
+    assert all(np.isfinite(r["loss"]) and "mean_log_var" in r and "new_classifier_accuracy" in r for r in hist)
+    params = checkpoint.load_model(d)["params"]
+    assert params["uncertainty"]["kernel"].shape == (8, 1) and "classifier" not in params
+    checkpoint.write_json(os.path.join(d, "config.json"), config_schema.resolve(cfg).to_dict())
+    checkpoint.mark_done(d)  # what the experiment does after a stage's run
+    t = artifacts.load_transformation(ctx, name, "test")
+    assert t.sigma_dim == 1
+    old, psi = np.ones((3, 8), np.float32), np.zeros((3, 8), np.float32)
+    emb, s = t.with_uncertainty(old, psi)
+    assert emb.shape == (3, 8) and s.shape == (3, 1) and np.isfinite(s).all()
+    np.testing.assert_array_equal(t(old, psi), emb)
+  # κ_new is a frozen input: φ_new's stage is untouched.
+  jax.tree.map(np.testing.assert_array_equal, _model(os.path.join(wd, "v2")), new_before)
+  # A plain h has no uncertainty.
+  assert artifacts.load_transformation(ctx, "h2", "test").with_uncertainty(old, psi)[1] is None
+
+
+def test_fastfill_psi_old_and_refusals(seq_run):
+  """side_info.kind="old" feeds φ_old as ψ (the official code's "no side-info"); FastFill of a g is refused."""
+  wd, _ = seq_run
+  cfg = _stage_cfg("h2_none", name="h2_ff_old", method="fastfill", feature_mode="cached",
+                   **{"side_info.kind": "old", "side_info.dim": 8})
+  finished, d = _run_stage(cfg, wd, "h2_ff_old")
+  assert finished
+  feats = {k: np.load(os.path.join(d, "features", f"{k}.npy")) for k in ("old", "psi")}
+  np.testing.assert_array_equal(feats["psi"], feats["old"])  # ψ := φ_old
+  with pytest.raises(FCTError, match="side_info.dim=8"):
+    _run_stage(_stage_cfg("h2_none", name="h2_ff_old4", **{"side_info.kind": "old", "side_info.dim": 4}), wd,
+               "h2_ff_old4")
+  with pytest.raises(FCTError, match="use method='fct'"):
+    _run_stage(_stage_cfg("g2", name="g2_ff", method="fastfill"), wd, "g2_ff")
+  with pytest.raises(config_schema.ConfigError, match="unknown method 'fast'"):
+    config_schema.resolve(_stage_cfg("h2", method="fast"))

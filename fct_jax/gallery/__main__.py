@@ -6,13 +6,16 @@ r"""Command line for gallery stores.
   # model update: apply h to the stored vectors (no images); a new version lands beside the old one
   python -m fct_jax.gallery upgrade --from /tmp/gallery --transformation /tmp/fct_demo/transformation \
       --to /tmp/gallery
+  # FastFill: re-embed the next 20% of the items with φ_new, most uncertain first (repeat to continue)
+  python -m fct_jax.gallery backfill --store /tmp/gallery --experiment /tmp/fct_demo --new new --order sigma \
+      --budget 0.2
   python -m fct_jax.gallery search --store /tmp/gallery --queries q.npy --k 5 --out hits.npz
   python -m fct_jax.gallery cost --transformation /tmp/fct_demo/transformation --out-dir /tmp/cost
   python -m fct_jax.gallery cost --paper --out-dir /tmp/cost_paper     # Figure 3: ResNet50-128 @224 vs FCT
   python -m fct_jax.gallery precision --transformation /tmp/fct_demo/transformation   # float16/bfloat16 cost
   python -m fct_jax.gallery info --store /tmp/gallery --verify
 
-A killed build or upgrade is resumed by rerunning the same command. User errors print one ``error: ...`` line
+A killed build, upgrade or backfill is resumed by rerunning the same command. User errors print one ``error: ...`` line
 and exit with status 2.
 """
 
@@ -22,7 +25,7 @@ import sys
 import numpy as np
 
 from fct_jax.errors import FCTError
-from fct_jax.gallery import build, cost, loader, precision, search, upgrade
+from fct_jax.gallery import backfill, build, cost, loader, precision, search, upgrade
 from fct_jax.gallery import store as store_lib
 
 
@@ -45,6 +48,18 @@ def _parser():
   u.add_argument("--to", required=True, help="destination store (may equal --from)")
   u.add_argument("--dtype", default=None, help="storage dtype of the new version (default: the source's)")
   u.add_argument("--prefetch", type=int, default=2)
+  f = sub.add_parser("backfill", help="re-embed the next items of an upgraded store with φ_new (FastFill order)")
+  f.add_argument("--store", required=True, help="gallery store (the new version lands in it)")
+  f.add_argument("--version", default=None, help="version to continue from (default: its CURRENT)")
+  f.add_argument("--experiment", required=True, help="experiment workdir with the new backbone stage")
+  f.add_argument("--new", default="new", help="backbone stage that re-embeds (the model the store was upgraded to)")
+  f.add_argument("--split", default=None, help="the split the store was built from (default: the build's)")
+  f.add_argument("--order", default=None, help="sigma (largest stored s first) | random; default: sigma on the "
+                 "first step, then the recorded order")
+  f.add_argument("--seed", type=int, default=None, help="seed of --order random (default 0)")
+  f.add_argument("--budget", type=float, default=None, help="fraction of the gallery to backfill now, in (0, 1]")
+  f.add_argument("--items", type=int, default=None, help="number of items to backfill now (instead of --budget)")
+  f.add_argument("--batch-size", type=int, default=None)
   s = sub.add_parser("search", help="top-k stored ids and L2 distances of queries")
   s.add_argument("--store", required=True)
   s.add_argument("--version", default=None)
@@ -78,6 +93,12 @@ def _upgrade(args):
   src = store_lib.Store(args.src).open(args.from_version)
   t = loader.load_transformation(args.transformation)
   upgrade.upgrade(src, t, store_lib.Store(args.to), dtype=args.dtype, prefetch=args.prefetch)
+
+
+def _backfill(args):
+  backfill.backfill(args.experiment, store_lib.Store(args.store), version=args.version, new=args.new,
+                    split=args.split, order=args.order, seed=args.seed, budget=args.budget, items=args.items,
+                    batch_size=args.batch_size)
 
 
 def _search(args):
@@ -123,12 +144,14 @@ def _info(args):
     emb = v.model.get("embedding", {})
     print(f"{mark} {v.name}: {v.count} items, {v.embedding_dim}-d + {v.side_info_dim}-d side-info, {v.dtype}, "
           f"embedding model {emb.get('stage')!r} {str(emb.get('fingerprint'))[:12]}")
+    for line in backfill.describe(v):
+      print(f"    {line}")
     if args.verify:
       v.verify()
       print("    checksums ok")
 
 
-COMMANDS = {"build": _build, "upgrade": _upgrade, "search": _search, "cost": _cost, "precision": _precision,
+COMMANDS = {"build": _build, "upgrade": _upgrade, "backfill": _backfill, "search": _search, "cost": _cost, "precision": _precision,
             "info": _info}
 
 

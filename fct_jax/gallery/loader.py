@@ -47,6 +47,10 @@ def load_transformation(stage_dir: str, *, needed_by: str = "gallery upgrade") -
 
   Only an h (its target a backbone) upgrades a gallery; ψ is carried over unchanged. A g (target: the next ψ,
   for update sequences) is refused with a one-line error. The frozen image models are not loaded.
+
+  FastFill's h (``method="fastfill"``) also returns s = log σ² (``Transform.sigma_dim`` > 0), which the upgrade
+  stores. An h trained with ``side_info.kind="old"`` (ψ := φ_old) reads the stored φ_old as its ψ too, so its
+  gallery needs no stored side-information: it upgrades a store built with ``--side-info none`` (0-d ψ).
   """
   exp, name = split_stage_dir(stage_dir)
   ctx = artifacts.Context(workdir=exp)
@@ -55,17 +59,23 @@ def load_transformation(stage_dir: str, *, needed_by: str = "gallery upgrade") -
     raise FCTError(f"{stage_dir} is a g (its target {t.cfg.new!r} is side-information); a gallery upgrade "
                    "applies an h, whose target is a backbone")
   si = t.cfg.side_info
-  side = side_info_model(ctx, si.kind, si.stage, t.dims["side"], name)
-  if side["dim"] != t.dims["side"]:
+  psi_is_old = si.kind == "old"
+  # ψ := φ_old is not stored a second time: the store holds no side-information, h gets φ_old twice.
+  side_dim = 0 if psi_is_old else t.dims["side"]
+  side = side_info_model(ctx, "none" if psi_is_old else si.kind, si.stage, side_dim, name)
+  if side["dim"] != side_dim:
     raise FCTError(f"transformation {name!r}: side_info.dim={t.dims['side']} but stage {si.stage!r} gives "
                    f"{side['dim']}-d ψ")
-  h, side_dim = t.module, t.dims["side"]
+  h, sigma_dim = t.module, t.sigma_dim
 
   def apply(v, old_emb, side_emb):
-    return h.apply(v, old_emb, side_emb if side_dim else None, train=False)["embedding"], None
+    psi = old_emb if psi_is_old else (side_emb if side_dim else None)
+    out = h.apply(v, old_emb, psi, train=False)
+    return (out["embedding"], None) + ((out["log_var"],) if sigma_dim else ())
 
   old, new = embedding_model(ctx, t.cfg.old, name), embedding_model(ctx, t.cfg.new, name)
   return Transform(name=name, apply=apply, variables=jax.tree.map(lambda x: x, t.variables), old_dim=t.dims["old"],
                    side_dim=side_dim, new_dim=t.dims["new"],
                    fingerprint=artifacts.stage_fingerprint(os.path.join(exp, name)),
-                   expects={"embedding": old, "side_info": side}, produces={"embedding": new, "side_info": side})
+                   expects={"embedding": old, "side_info": side}, produces={"embedding": new, "side_info": side},
+                   sigma_dim=sigma_dim)

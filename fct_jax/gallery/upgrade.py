@@ -41,10 +41,12 @@ class Transform:
   Attributes:
     name: a label (the transformation stage name); names the new version.
     apply: ``apply(variables, old [B, old_dim] f32, side [B, side_dim] f32) -> (new [B, new_dim], side_next)``,
-      jit-able; ``side_next`` is ``[B, side_out_dim]`` from g, or None when ψ is carried over unchanged.
+      jit-able; ``side_next`` is ``[B, side_out_dim]`` from g, or None when ψ is carried over unchanged. With
+      ``sigma_dim`` > 0 it returns a third output, ``log_var [B, sigma_dim]`` (FastFill's s = log σ²).
     variables: h's (and g's) variables (host or device pytrees).
     old_dim, side_dim, new_dim: widths h expects and returns.
     side_out_dim: width of g's output; None without g.
+    sigma_dim: width of h's uncertainty head (0: plain h); the upgraded version then stores s beside each vector.
     fingerprint: identifies the transformation's weights and config.
     expects: the ``model`` block a source store must have (see :func:`store.make_manifest`).
     produces: the ``model`` block of the upgraded store.
@@ -59,6 +61,7 @@ class Transform:
   expects: dict
   produces: dict
   side_out_dim: Optional[int] = None
+  sigma_dim: int = 0
 
 
 def check_compatible(version: store_lib.Version, t: Transform):
@@ -85,14 +88,16 @@ def _step(apply: Callable, mesh: Mesh, out_dtype) -> Callable:
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(sharding.DATA_AXIS))
 
   def step(variables, old, side):
-    new, side_next = apply(variables, old.astype(jnp.float32), side.astype(jnp.float32))
-    return new.astype(out_dtype), (None if side_next is None else side_next.astype(out_dtype))
+    new, side_next, *log_var = apply(variables, old.astype(jnp.float32), side.astype(jnp.float32))
+    out = (new.astype(out_dtype), (None if side_next is None else side_next.astype(out_dtype)))
+    return out + tuple(x.astype(jnp.float32) for x in log_var)  # s stays float32 whatever the storage dtype
 
   return jax.jit(step, in_shardings=(repl, data, data), out_shardings=data)
 
 
 def make_step(t: Transform, mesh: Mesh, out_dtype) -> Callable:
-  """The jitted chunk step: ``(variables, old [C, d], side [C, ds]) -> (new [C, d_new], side_next or None)``.
+  """The jitted chunk step: ``(variables, old [C, d], side [C, ds]) -> (new [C, d_new], side_next or None)``, and
+  ``log_var [C, sigma_dim]`` float32 as a third output when ``t.sigma_dim`` > 0.
 
   Inputs arrive in the storage dtype and are cast to float32 on the device (half the host→device traffic for
   16-bit stores); outputs are cast to the storage dtype on the device for the same reason.
@@ -112,6 +117,10 @@ def upgrade(source: store_lib.Version, t: Transform, dest: store_lib.Store, *, d
             mesh: Optional[Mesh] = None, prefetch: int = 2, write_depth: int = 2, progress: bool = True,
             stop_after_chunks: Optional[int] = None) -> Optional[store_lib.Version]:
   """Applies ``t`` to every item of ``source`` and commits the result as a new version of ``dest``.
+
+  When ``t`` has an uncertainty head (``t.sigma_dim`` > 0), the new version also stores each item's s = log σ² from
+  the same pass of h (array ``log_var``, float32), which orders a later FastFill backfill
+  (:mod:`fct_jax.gallery.backfill`). A plain h's version is byte-identical to what it was before s existed.
 
   Args:
     source: the committed version to read (left untouched).
@@ -139,7 +148,8 @@ def upgrade(source: store_lib.Version, t: Transform, dest: store_lib.Store, *, d
     return finished
   side_out_dim = t.side_dim if t.side_out_dim is None else t.side_out_dim
   writer = dest.begin(f"{t.name}-{store_lib.fingerprint(job)[:12]}", job, count=source.count,
-                      chunk_size=source.chunk_size, embedding_dim=t.new_dim, side_info_dim=side_out_dim, dtype=dtype)
+                      chunk_size=source.chunk_size, embedding_dim=t.new_dim, side_info_dim=side_out_dim, dtype=dtype,
+                      log_var_dim=t.sigma_dim)
   p, n_proc = jax.process_index(), jax.process_count()
   todo = [i for i in range(source.num_chunks) if i % n_proc == p and i not in writer.done]
   if stop_after_chunks is not None:
@@ -191,7 +201,8 @@ def _run_chunks(source, writer, todo, step, variables, mesh, *, prefetch: int, w
     new = np.asarray(outs[0])[:n]  # waits for this chunk's computation only
     # Without g, ψ is carried over as stored (cast on the host if the dtype changes); with g it is g's output.
     side = c["side_info"] if outs[1] is None else np.asarray(outs[1])[:n]
-    writer.write_chunk(i, c["ids"], new, side)
+    log_var = np.asarray(outs[2])[:n] if len(outs) > 2 else None  # FastFill's s, from the same pass of h
+    writer.write_chunk(i, c["ids"], new, side, log_var)
     return n
 
   with cf.ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="gallery-read") as rpool, \

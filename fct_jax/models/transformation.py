@@ -8,6 +8,10 @@ ml-fct builds each layer as a 1×1 conv on [B, D, 1, 1] features with ``bias=nor
 followed by BatchNorm have no bias (BN's β replaces it) and only the final layer has one. With
 (128, 128, 128, 2048) that is 5,712,000 parameters. With ml-fct's weights and BN statistics copied over, this
 module and ml-fct's agreed to 1e-7 in eval mode (checked once by hand with PyTorch on a CPU).
+
+FastFill (Jaeckle et al., ICLR 2023; ml-fct's ``MLP_BN_SIDE_PROJECTION_SIGMA``) adds an uncertainty head: a linear
+layer (with bias) on h's output giving s = log σ² of width ``sigma_dim`` (1, or the embedding width). With
+``sigma_dim=0`` (the default) the module is plain h: the same parameters and outputs as before the head existed.
 """
 
 from typing import Any
@@ -28,12 +32,14 @@ class FCTTransformation(nn.Module):
       constant is zero). ml-fct: its "no side-info" run instead feeds the old embedding again as side-information
       (``side_info_model = old_model``); we follow the paper's ψ(x) = 0.
     inner_dim: mixer width (2048 in the paper).
+    sigma_dim: width of FastFill's uncertainty head (0: none; else 1 or ``new_dim``).
     dtype: compute dtype; parameters float32.
   """
   old_dim: int
   side_dim: int
   new_dim: int
   inner_dim: int = 2048
+  sigma_dim: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -47,7 +53,8 @@ class FCTTransformation(nn.Module):
         that schedule belongs to the stage).
 
     Returns:
-      {"embedding": [B, new_dim] float32}.
+      {"embedding": [B, new_dim] float32}, and with ``sigma_dim > 0`` also "log_var": [B, sigma_dim] float32, the
+      predicted log σ² of each item's transformation error (FastFill).
     """
     # ml-fct: PyTorch's default init (U(±1/√fan_in)) for every layer, which this reproduces.
     def block(x, width, name):
@@ -70,4 +77,12 @@ class FCTTransformation(nn.Module):
     x = block(x, self.inner_dim, "mix1")
     x = nn.Dense(self.new_dim, dtype=self.dtype, kernel_init=torch_default_init,
                  bias_init=torch_default_bias_init(self.inner_dim), name="mix_out")(x)
-    return {"embedding": x.astype(jnp.float32)}
+    out = {"embedding": x.astype(jnp.float32)}
+    if self.sigma_dim:
+      if self.sigma_dim not in (1, self.new_dim):
+        raise ValueError(f"sigma_dim must be 0, 1 or new_dim ({self.new_dim}), got {self.sigma_dim}")
+      # ml-fct: nn.Linear(new_embedding_dim, sigma_dim), PyTorch's default init, on h's output.
+      out["log_var"] = nn.Dense(self.sigma_dim, kernel_init=torch_default_init,
+                                bias_init=torch_default_bias_init(self.new_dim), name="uncertainty")(
+                                    out["embedding"])
+    return out

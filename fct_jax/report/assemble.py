@@ -2,7 +2,8 @@
 
 ``results.json`` holds, in this order: the evaluation payload's keys (``cases``, ``num_eval``, …), then
 ``experiment``, ``cmc_curves``, ``cka``, ``paper``, ``backfill``, ``compatibility`` and ``cost``. The order is the
-file's format (readers and the README's block follow it), so :func:`build` writes it out key by key.
+file's format (readers and the README's block follow it), so :func:`build` writes it out key by key. ``paper``
+carries FastFill's backfilling AUCs for our curves too (``paper.backfill``), where the paper table has them.
 """
 
 import os
@@ -13,7 +14,7 @@ from etils import epath
 
 from fct_jax.errors import FCTError
 from fct_jax.gallery import cost as cost_lib
-from fct_jax.report import paper, render
+from fct_jax.report import backfill, paper, render
 from fct_jax.retrieval import cases as cases_lib
 from fct_jax.retrieval import summary
 
@@ -52,8 +53,9 @@ def build(results: summary.EvaluationResults, *, experiment: str = "", paper_tab
   out["experiment"] = experiment
   out["cmc_curves"] = sections["cmc_curves"]
   out["cka"] = sections["cka"]
-  out["paper"] = (paper.paper_section(paper_table, list(payload["cases"]), payload.get("side_info", "") or "")
-                  if paper_table else None)
+  curve_keys = list(backfill.curves({"backfill": sections["backfill"]}))
+  out["paper"] = (paper.paper_section(paper_table, list(payload["cases"]), payload.get("side_info", "") or "",
+                                      curve_keys) if paper_table else None)
   out["backfill"] = sections["backfill"]
   out["compatibility"] = sections["compatibility"]
   out["cost"] = cost_section(transformation_dir)

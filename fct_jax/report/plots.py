@@ -6,6 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from fct_jax.gallery import cost as cost_lib
+from fct_jax.report import backfill as backfill_lib
 
 # File names inside the experiment workdir.
 PLOTS = {"cmc": "cmc.png", "cases": "cases.png", "backfill": "backfill.png", "compatibility": "compatibility.png"}
@@ -92,21 +93,43 @@ def plot_cases_sd(results: Mapping, path: str):
   _finish(plt, fig, ax, f"retrieval cases over {len(results['seed_dirs'])} seed sets (query / gallery model)", path)
 
 
+# Line style per backfilling ordering (colour: per gallery model).
+_ORDER_STYLES = {"random": "-", "sigma": "--", "distance": ":"}
+
+
+def _auc_s(auc) -> str:
+  return f"{auc:.1f}" if auc is not None and np.isfinite(auc) else "n/a"  # n/a: every query skipped
+
+
 def plot_backfill(results: Mapping, path: str):
-  """CMC top-1 and mAP against the backfilled fraction, with new/new as a reference line."""
+  """Every backfilling curve against the backfilled fraction: CMC top-1 (left) and mAP (right), a colour per gallery
+  model and a line style per ordering (random solid, sigma dashed, distance dotted), new/new (every curve's end) as a
+  grey reference line; one legend for both panels, with each curve's AUCs. The y axes fit the curves (the orderings
+  differ by a few points; old/old, far below, is in results.md's table, not drawn)."""
   plt = _plt()
-  bf = results["backfill"]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  fr = [100 * f for f in bf["fractions"]]
-  for key, label in (("cmc_top1", "CMC top-1"), ("mAP", "mAP")):
-    auc = bf["auc"].get(key)
-    auc_s = f"{auc:.1f}" if auc is not None and np.isfinite(auc) else "n/a"  # n/a: every query skipped
-    ax.plot(fr, bf[key], marker="o", label=f"{label} (AUC {auc_s})")
-  nn = results["cases"].get("new/new", {}).get("cmc_top1")
-  if nn is not None:
-    ax.axhline(nn, color="gray", ls="--", lw=0.8, label="new/new top-1")
-  _percent_axes(ax, f"gallery backfilled with φ_new (%, {bf['order']} order)", "%")
-  _finish(plt, fig, ax, "partial backfilling: new queries vs h → φ_new gallery", path, "lower right")
+  curves = backfill_lib.curves(results)
+  galleries = list(dict.fromkeys(c["gallery"] for c in curves.values()))
+  colours = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(galleries)}
+  refs = backfill_lib.references(results)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, (metric, label) in zip(axes, (("cmc_top1", "CMC top-1"), ("mAP", "mAP@1.0"))):
+    for key, c in curves.items():
+      ax.plot([100 * f for f in c["fractions"]], [_nan(v) for v in c[metric]], color=colours[c["gallery"]],
+              ls=_ORDER_STYLES.get(c["ordering"], "-."), marker=".", ms=3, lw=1.2,
+              label=f"{key} (AUC top-1 {_auc_s(c['auc'].get('cmc_top1'))}, mAP {_auc_s(c['auc'].get('mAP'))})")
+    value = refs.get("new/new", [None, None, None])[0 if metric == "cmc_top1" else 2]
+    if value is not None:
+      ax.axhline(value, color="gray", ls="--", lw=0.8, label="new/new (reference)")
+    ax.set_xlabel("gallery backfilled with φ_new (%)")
+    ax.set_ylabel(f"{label} (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{label}: new queries vs the partly backfilled gallery", fontsize=9)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+  fig.suptitle(f"partial backfilling ({backfill_lib.auc_rule(backfill_lib.grid(results))})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
 
 
 def plot_compatibility(results: Mapping, path: str):
@@ -137,7 +160,7 @@ def plot_all(results: Mapping, out_dir: str) -> list[str]:
   """Draws every plot the results allow into ``out_dir``; returns their file names (relative to it)."""
   drawn = []
   todo = [("cmc", plot_cmc, results.get("cmc_curves")), ("cases", plot_cases, results.get("cases")),
-          ("backfill", plot_backfill, results.get("backfill")),
+          ("backfill", plot_backfill, backfill_lib.curves(results)),
           ("compatibility", plot_compatibility, results.get("compatibility"))]
   for key, fn, needed in todo:
     if needed:

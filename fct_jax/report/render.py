@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 from etils import epath
 
 from fct_jax.errors import FCTError
+from fct_jax.report import backfill as backfill_lib
 from fct_jax.report import plots as plots_lib
 
 # File names inside the experiment workdir.
@@ -113,14 +114,62 @@ def _cost_md(results: Mapping) -> list[str]:
           + [f"| {r['method']} | {r['macs']:,.0f} | {r['storage_bytes']:,} |" for r in cost["rows"]] + [""])
 
 
+def _paper_backfill(results: Mapping) -> dict:
+  """FastFill's AUCs beside ours (``paper.backfill``: ``curves``, ``references``, …), {} for none."""
+  return (results.get("paper") or {}).get("backfill") or {}
+
+
+def _backfill_row(name: str, values: Sequence, paper: Mapping, paper_values) -> str:
+  """One row of the backfilling table: our three AUCs, then the paper's (blank where it has none)."""
+  row = [name] + [fmt(v) for v in values]
+  if paper:
+    row += [_paper_cell(v) for v in paper_values] if paper_values else ["", "", ""]
+  return "| " + " | ".join(row) + " |"
+
+
+def backfill_table(results: Mapping) -> str:
+  """The backfilling curves' AUCs (top-1, top-5, mAP), one row per curve ``gallery:ordering``, then the flat
+  references old/old and new/new (the case table's values; new/new is every curve at f = 1), with FastFill's numbers
+  beside them where the paper table has some; "" without curves."""
+  curves = backfill_lib.curves(results)
+  if not curves:
+    return ""
+  paper = _paper_backfill(results)
+  head = ["curve (gallery:ordering)"] + [f"AUC {label} (%)" for _, label in backfill_lib.METRICS]
+  if paper:
+    head += [f"paper AUC top-1 (FastFill, {paper['dataset']})", "paper top-5", "paper mAP"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+  for key, c in curves.items():
+    lines.append(_backfill_row(key, [c["auc"].get(m) for m, _ in backfill_lib.METRICS], paper,
+                               paper.get("curves", {}).get(key)))
+  for ref, values in backfill_lib.references(results).items():
+    name = f"{ref} (reference, f = 1)" if ref == "new/new" else f"{ref} (reference)"
+    lines.append(_backfill_row(name, values, paper, paper.get("references", {}).get(ref)))
+  return "\n".join(lines)
+
+
 def _backfill_md(results: Mapping) -> list[str]:
-  bf = results.get("backfill")
-  if not bf:
+  curves = backfill_lib.curves(results)
+  if not curves:
     return []
-  return ([f"## Backfilling (new queries; gallery items re-embedded h → φ_new in {bf['order']} order)", "",
-           "| backfilled | CMC top-1 (%) | mAP (%) |", "|---:|---:|---:|"]
-          + [f"| {fr:.0%} | {fmt(t1)} | {fmt(m)} |" for fr, t1, m in zip(bf["fractions"], bf["cmc_top1"], bf["mAP"])]
-          + ["", f"Area under the curve: CMC top-1 {fmt(bf['auc']['cmc_top1'])}, mAP {fmt(bf['auc']['mAP'])}.", ""])
+  fractions = backfill_lib.grid(results)
+  present = {backfill_lib.split_key(k)[1] for k in curves}
+  used = [o for o in backfill_lib.ORDERINGS if o in present] + sorted(present - set(backfill_lib.ORDERINGS))
+  parts = ["## Partial backfilling (new queries; gallery items re-embedded h → φ_new one by one)", "",
+           f"Curve = transformed gallery model : ordering. {backfill_lib.auc_rule(fractions)} (FastFill's protocol), "
+           "in %. A curve starts (f = 0) at its case new/<gallery model> and ends (f = 1) at new/new; old/old and "
+           "new/new are flat references (AUC = the metric itself). Orderings: "
+           + "; ".join(f"{o}: {backfill_lib.ORDERINGS.get(o, o)}" for o in used) + ".", "",
+           backfill_table(results), ""]
+  paper = _paper_backfill(results)
+  if paper:
+    parts += [f"Paper: {paper['source']}, {paper['setting']} (AUC: mean over f = i/21, i = 0…21). {paper['note']}",
+              ""]
+  parts += ["### CMC top-1 (%) per backfilled fraction f", "", "| f | " + " | ".join(curves) + " |",
+            "|" + "|".join(["---:"] * (len(curves) + 1)) + "|"]
+  parts += ["| " + " | ".join([f"{100 * f:.1f}%"] + [fmt(c["cmc_top1"][i]) for c in curves.values()]) + " |"
+            for i, f in enumerate(fractions)]
+  return parts + [""]
 
 
 def markdown(results: Mapping, plots: Sequence[str] = ()) -> str:
@@ -178,12 +227,19 @@ def publish(tmp: str, results: Mapping, md: str, workdir: str, drawn: Sequence[s
 
 
 def readme_block(results: Mapping, source: str = "") -> str:
-  """The README's results block: the case table, produced by the code (``--update_readme``)."""
+  """The README's results block: the case table, then the AUC of CMC top-1 of every backfilling curve (with
+  FastFill's where the paper table has it), produced by the code (``--update_readme``)."""
   lines = [case_table(results)]
-  bf = results.get("backfill")
-  if bf:
-    lines += ["", f"Partial backfilling ({bf['order']} order): area under the CMC top-1 curve "
-                  f"{fmt(bf['auc']['cmc_top1'])} %."]
+  curves = backfill_lib.curves(results)
+  if curves:
+    paper = _paper_backfill(results).get("curves")
+    rule = backfill_lib.auc_rule(backfill_lib.grid(results))
+    lines += ["", f"Partial backfilling, area under the CMC top-1 curve ({rule}; orderings in results.md):", "",
+              "| curve (gallery:ordering) | AUC top-1 (%) |" + (" paper |" if paper else ""),
+              "|---|---:|" + ("---:|" if paper else "")]
+    for key, c in curves.items():
+      cell = [_paper_cell(paper[key][0]) if key in paper else ""] if paper else []
+      lines.append("| " + " | ".join([key, fmt(c["auc"].get("cmc_top1"))] + cell) + " |")
   return "\n".join(lines + generated_note(source))
 
 

@@ -2,10 +2,11 @@ r"""The combined report of a multi-seed plan (``--config.seeds=N``): mean ± sd 
 
 Each seed set ran the whole plan in its own experiment workdir ``WORKDIR/seed_<i>/`` and wrote its own report
 there. :func:`write` reads every ``seed_<i>/results.json`` and writes ``WORKDIR/results.json``, ``results.md`` and
-``cases.png``: every case's CMC top-1, top-5 and mAP and the backfilling AUC as the mean and the *sample* standard
-deviation (``ddof=1``) over the seeds, with the per-seed values, and how many seeds each of the evaluation stage's
-``orderings`` ("case_a > case_b" on CMC top-1) holds in. One seed's numbers say little about a gap of a few points;
-the spread across seeds says whether the gap is larger than the noise.
+``cases.png``: every case's CMC top-1, top-5 and mAP and every backfilling curve's AUCs (per ``gallery:ordering``)
+as the mean and the *sample* standard deviation (``ddof=1``) over the seeds, with the per-seed values, and how many
+seeds each of the evaluation stage's ``orderings`` holds in ("case_a > case_b" on CMC top-1, or
+"gallery:ordering > gallery:ordering" on the backfilling curves' AUC top-1). One seed's numbers
+say little about a gap of a few points; the spread across seeds says whether the gap is larger than the noise.
 
 The combined ``results.json`` is told apart from a single run's by its ``seed_dirs`` key;
 ``python -m fct_jax.report --workdir WORKDIR`` redraws either (:func:`rerender`).
@@ -20,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from fct_jax.errors import FCTError
-from fct_jax.report import plots, render
+from fct_jax.report import backfill, plots, render
 
 METRICS = (("cmc_top1", "CMC top-1 (%)"), ("cmc_top5", "CMC top-5 (%)"), ("mAP", "mAP@1.0 (%)"))
 ORDERING_METRIC = "cmc_top1"
@@ -28,10 +29,14 @@ SD_NOTE = "sample standard deviation over seeds (ddof=1)"
 
 
 def parse_ordering(ordering: str) -> tuple[str, str]:
-  """``"new/h[simclr] > new/h[none]"`` -> ``("new/h[simclr]", "new/h[none]")``; a one-line error otherwise."""
+  """``"new/h[simclr] > new/h[none]"`` -> ``("new/h[simclr]", "new/h[none]")``: two cases (compared on CMC top-1) or
+  two backfilling curves ``gallery:ordering`` (``"h[fastfill]:sigma > h[simclr]:random"``, compared on their AUC
+  top-1); a one-line error otherwise."""
   parts = [p.strip() for p in ordering.split(">")]
-  if len(parts) != 2 or not all(parts) or any("/" not in p for p in parts):
-    raise FCTError(f"ordering {ordering!r} is not of the form 'query/gallery > query/gallery'")
+  kinds = {("curve" if ":" in p else "case" if "/" in p else None) for p in parts}
+  if len(parts) != 2 or not all(parts) or None in kinds or len(kinds) != 1:
+    raise FCTError(f"ordering {ordering!r} is not of the form 'query/gallery > query/gallery' or "
+                   "'gallery:ordering > gallery:ordering'")
   return parts[0], parts[1]
 
 
@@ -44,15 +49,36 @@ def _stat(values: Sequence[Optional[float]]) -> dict:
   return {"mean": clean(mean), "sd": clean(sd), "per_seed": list(values)}
 
 
+def _term_value(results: Mapping, term: str) -> Optional[float]:
+  """A case's CMC top-1, or a backfilling curve's AUC top-1 (``gallery:ordering``); None when absent."""
+  if ":" in term:
+    curve = backfill.curves(results).get(term)
+    return None if curve is None else curve["auc"].get(ORDERING_METRIC)
+  return results["cases"].get(term, {}).get(ORDERING_METRIC)
+
+
 def _ordering(ordering: str, per_seed: Sequence[Mapping]) -> dict:
-  """Whether ``ordering`` holds (strictly) in each seed's case table; None where a case or value is missing."""
+  """Whether ``ordering`` holds (strictly) in each seed's results; None where a case, curve or value is missing."""
   a, b = parse_ordering(ordering)
   holds = []
   for r in per_seed:
-    va, vb = (r["cases"].get(c, {}).get(ORDERING_METRIC) for c in (a, b))
+    va, vb = (_term_value(r, t) for t in (a, b))
     holds.append(None if va is None or vb is None else bool(va > vb))
-  return {"ordering": ordering, "metric": ORDERING_METRIC, "holds": sum(h is True for h in holds),
-          "seeds": len(holds), "per_seed": holds}
+  return {"ordering": ordering, "metric": "auc_cmc_top1" if ":" in a else ORDERING_METRIC,
+          "holds": sum(h is True for h in holds), "seeds": len(holds), "per_seed": holds}
+
+
+def _backfill_auc(per_seed: Sequence[Mapping]) -> Optional[dict]:
+  """``{curve key: {metric: mean, sd, per_seed}}`` of the backfilling AUCs, the curves in order of first appearance
+  over the seeds; None when no seed has a curve. A seed without that curve (or without a backfill section) has None
+  there, and the mean and sd are then None, as for a case missing in a seed: a mean over fewer seeds would not be
+  the same quantity."""
+  seed_curves = [backfill.curves(r) for r in per_seed]
+  keys = list(dict.fromkeys(k for cs in seed_curves for k in cs))
+  if not keys:
+    return None
+  return {k: {m: _stat([cs[k]["auc"].get(m) if k in cs else None for cs in seed_curves]) for m, _ in backfill.METRICS}
+          for k in keys}
 
 
 def combine(per_seed: Sequence[Mapping], seed_dirs: Sequence[str], orderings: Sequence[str] = ()) -> dict:
@@ -65,18 +91,18 @@ def combine(per_seed: Sequence[Mapping], seed_dirs: Sequence[str], orderings: Se
 
   Returns:
     ``experiment``, ``seed_dirs``, ``sd`` (which sd), ``cases`` (case → metric → mean, sd, per_seed; the cases of
-    the first seed, in its order), ``backfill_auc`` (metric → mean, sd, per_seed; None without a backfilling
-    curve) and ``orderings`` (each: holds in how many of ``seeds``, per_seed True/False/None).
+    the first seed, in its order), ``backfill_auc`` (curve ``gallery:ordering`` → metric → mean, sd, per_seed;
+    None without a backfilling curve), ``backfill_fractions`` (their grid, for the AUC's definition; [] without)
+    and ``orderings`` (each: holds in how many of ``seeds``, per_seed True/False/None).
   """
   if len(per_seed) < 2 or len(per_seed) != len(seed_dirs):
     raise FCTError(f"a combined report needs the results of 2 or more seed sets, got {len(per_seed)}")
   cases = {case: {m: _stat([r["cases"].get(case, {}).get(m) for r in per_seed]) for m, _ in METRICS}
            for case in per_seed[0]["cases"]}
-  backfill = None
-  if all(r.get("backfill") for r in per_seed):
-    backfill = {m: _stat([r["backfill"]["auc"].get(m) for r in per_seed]) for m in per_seed[0]["backfill"]["auc"]}
+  grid = next((g for g in map(backfill.grid, per_seed) if g), [])
   return {"experiment": per_seed[0].get("experiment", ""), "seed_dirs": list(seed_dirs), "sd": SD_NOTE,
-          "cases": cases, "backfill_auc": backfill, "orderings": [_ordering(o, per_seed) for o in orderings]}
+          "cases": cases, "backfill_auc": _backfill_auc(per_seed), "backfill_fractions": grid,
+          "orderings": [_ordering(o, per_seed) for o in orderings]}
 
 
 def _pm(stat: Mapping) -> str:
@@ -98,18 +124,37 @@ def _orderings_md(results: Mapping) -> list[str]:
   if not results["orderings"]:
     return []
   mark = {True: "yes", False: "no", None: "–"}
-  return (["## Orderings (CMC top-1, strictly greater)", "", "| ordering | holds in | per seed |", "|---|---:|---|"]
+  return (["## Orderings (CMC top-1 of cases, AUC top-1 of backfilling curves; strictly greater)", "",
+           "| ordering | holds in | per seed |", "|---|---:|---|"]
           + [f"| {o['ordering']} | {o['holds']} / {o['seeds']} seeds | "
              f"{', '.join(mark[h] for h in o['per_seed'])} |" for o in results["orderings"]] + [""])
 
 
+def _auc_rule(results: Mapping) -> str:
+  return backfill.auc_rule(results.get("backfill_fractions") or [])
+
+
+def backfill_auc(results: Mapping) -> dict:
+  """The combined results' ``backfill_auc`` ({} for none); a one-line error for an older version's (one curve:
+  metric → stats, without ``backfill_fractions``)."""
+  auc = results.get("backfill_auc") or {}
+  if auc and "backfill_fractions" not in results:
+    raise FCTError("the combined results.json has the single backfilling curve of an older version of fct_jax; "
+                   "rerun the seed sets' evaluation stages with this version")
+  return auc
+
+
 def _backfill_md(results: Mapping) -> list[str]:
-  auc = results.get("backfill_auc")
+  auc = backfill_auc(results)
   if not auc:
     return []
-  return (["## Backfilling: area under the curve", "", "| metric | mean ± sd | per seed |", "|---|---:|---|"]
-          + [f"| {m} | {_pm(s)} | {', '.join(render.fmt(v) for v in s['per_seed'])} |" for m, s in auc.items()]
-          + [""])
+  head = ["curve (gallery:ordering)"] + [f"AUC {label} (%)" for _, label in backfill.METRICS] + ["AUC top-1 per seed"]
+  return (["## Backfilling: area under the curve", "",
+           f"{_auc_rule(results)}; mean ± sd over seeds (– where a seed lacks the curve).", "",
+           "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+          + ["| " + " | ".join([key] + [_pm(stats[m]) for m, _ in backfill.METRICS]
+                               + [", ".join(render.fmt(v) for v in stats["cmc_top1"]["per_seed"])]) + " |"
+             for key, stats in auc.items()] + [""])
 
 
 def markdown(results: Mapping, plot_files: Sequence[str] = ()) -> str:
@@ -152,15 +197,18 @@ def is_combined(workdir: str) -> bool:
 
 
 def readme_block(results: Mapping, source: str = "") -> str:
-  """The README's results block of a multi-seed run: mean ± sd, the orderings, the backfilling AUC."""
+  """The README's results block of a multi-seed run: mean ± sd, the orderings, the AUC of CMC top-1 of every
+  backfilling curve."""
   lines = [case_table(results), ""]
   lines += [f"Mean ± {results['sd']}, {len(results['seed_dirs'])} seed sets."]
   held = [f"{o['ordering']} ({o['holds']}/{o['seeds']})" for o in results["orderings"]]
   if held:
-    lines += ["", "Orderings of CMC top-1 and the seeds they hold in: " + "; ".join(held) + "."]
-  auc = (results.get("backfill_auc") or {}).get("cmc_top1")
+    lines += ["", "Orderings (CMC top-1 of cases, AUC top-1 of curves) and the seeds they hold in: " + "; ".join(held) + "."]
+  auc = backfill_auc(results)
   if auc:
-    lines += ["", f"Partial backfilling (random order): area under the CMC top-1 curve {_pm(auc)} %."]
+    lines += ["", f"Partial backfilling, area under the CMC top-1 curve ({_auc_rule(results)}; mean ± sd):", "",
+              "| curve (gallery:ordering) | AUC top-1 (%) |", "|---|---:|"]
+    lines += [f"| {key} | {_pm(stats['cmc_top1'])} |" for key, stats in auc.items()]
   return "\n".join(lines + render.generated_note(source))
 
 

@@ -7,7 +7,7 @@ the paper's rows and the cost of the update, and renders; it never needs the emb
 
 * CMC curves top-1…top-k per case (from the retrieval kernel's per-query ``first_rank``);
 * linear CKA between every pair of evaluated embeddings (old, new, h, …);
-* the partial-backfilling curve (`backfill`: new queries, gallery h → φ_new in random order);
+* the partial-backfilling curves (`backfill`: new queries, each transformed gallery h → φ_new in each ordering);
 * for update sequences (rows such as ``v3/h3(h2(v1))``) the compatibility matrix, query model × gallery model.
 """
 
@@ -119,7 +119,9 @@ def compatibility_matrix(cases: Mapping[str, Mapping[str, float]], metric: str =
 
 
 def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, object],
-              stats: Mapping[str, kernel.RankStats], *, max_k: int, backfill_fractions: Sequence[float], mesh=None,
+              stats: Mapping[str, kernel.RankStats], *, max_k: int, backfill_fractions: Sequence[float],
+              backfill_galleries: Mapping[str, tuple] | None = None,
+              backfill_orderings: Sequence[str] = backfill_lib.ORDERINGS, mesh=None,
               progress: kernel.ProgressFactory | None = None) -> dict:
   """The sections of :class:`EvaluationResults` for an evaluated case table.
 
@@ -127,9 +129,13 @@ def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, 
     embeddings: model name -> (N, d) embeddings of the evaluation images (the models the cases name).
     labels: (N,) labels.
     cases: the case table, ``{"q/g": {"cmc_top1", …}}`` (its names and, for sequences, its top-1 values).
-    stats: the rank statistics the case table was read from (``cases.case_stats``): the CMC curves come from them.
+    stats: the rank statistics the case table was read from (``cases.case_stats``): the CMC curves come from them,
+      and the backfilling curves' end points (rows ``new/<gallery>`` and ``new/new``).
     max_k: last CMC cut-off of the curves.
-    backfill_fractions: backfilled fractions of the curve (needs models ``h`` and ``new`` of one shape).
+    backfill_fractions: backfilled fractions of the curves.
+    backfill_galleries: transformed gallery name (as in the rows ``new/<name>``) → ``(embeddings, log_var or
+      None)``, each drawn in ``backfill_orderings`` (`backfill.backfill_curves`); None: no curves.
+    backfill_orderings: orderings of the curves (``sigma`` where a gallery has ``log_var``).
     mesh: Mesh for the retrieval kernel (all processes call this on a multi-host mesh).
     progress: the kernel's progress factory.
 
@@ -141,8 +147,10 @@ def summarize(embeddings: Mapping[str, np.ndarray], labels, cases: Mapping[str, 
   used = [m for i, m in enumerate(used) if not any(embeddings[m] is embeddings[p] for p in used[:i])]
   out = {"cmc_curves": cmc_from_stats(stats, len(labels), max_k=max_k),
          "cka": cka_matrix({m: embeddings[m] for m in used}), "backfill": None}
-  if "h" in embeddings and "new" in embeddings and np.shape(embeddings["h"]) == np.shape(embeddings["new"]):
-    out["backfill"] = backfill_lib.backfill_curve(embeddings["h"], embeddings["new"], labels, order="random",
-                                                  fractions=tuple(backfill_fractions), mesh=mesh, progress=progress)
+  if backfill_galleries and "new" in embeddings:
+    out["backfill"] = backfill_lib.backfill_curves(embeddings["new"], backfill_galleries, labels,
+                                                   orderings=tuple(backfill_orderings),
+                                                   fractions=tuple(backfill_fractions), stats=stats, mesh=mesh,
+                                                   progress=progress)
   out["compatibility"] = compatibility_matrix(cases) if is_sequence(cases) else None
   return out

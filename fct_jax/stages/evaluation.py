@@ -60,7 +60,9 @@ class EmbeddingCache:
     return self._phi[stage]
 
   def psi_of(self, side: artifacts.SideInfo, what: str = "") -> np.ndarray:
-    """ψ of the images by side-info model ``side`` (zeros for ``none``), checked finite."""
+    """ψ of the images by side-info model ``side`` (zeros for ``none``; φ_old itself for ``old``), checked finite."""
+    if side.method == "old":
+      return self.phi(side.stage)
     if side.key not in self.psi:
       x = side.embed(self._source, batch_size=self._batch_size, mesh=self._ctx.mesh, transform=self._transform)
       artifacts.check_finite_embeddings(x, what or f"side-information ({side.method}) of {side.key!r}")
@@ -84,11 +86,15 @@ def evaluate_cases(embeddings, labels, cases, mesh=None):
   return cases_lib.metrics_table(stats), stats
 
 
-def summarize(cfg, ctx: artifacts.Context, embeddings, labels, payload: dict, stats) -> summary.EvaluationResults:
+def summarize(cfg, ctx: artifacts.Context, embeddings, labels, payload: dict, stats,
+              backfill_galleries=None) -> summary.EvaluationResults:
   """What an evaluation stage returns: ``payload`` and the report's sections computed from ``embeddings`` (every
-  process computes: the kernel's mesh may span hosts). ``cfg.report`` holds ``max_k`` and ``backfill_fractions``."""
+  process computes: the kernel's mesh may span hosts). ``cfg.report`` holds ``max_k``, ``backfill_fractions`` and
+  ``backfill_orderings``; ``backfill_galleries``: see ``summary.summarize``."""
   sections = summary.summarize(embeddings, labels, payload["cases"], stats, max_k=int(cfg.report.max_k),
-                               backfill_fractions=tuple(cfg.report.backfill_fractions), mesh=ctx.mesh,
+                               backfill_fractions=tuple(cfg.report.backfill_fractions),
+                               backfill_galleries=backfill_galleries,
+                               backfill_orderings=tuple(cfg.report.backfill_orderings), mesh=ctx.mesh,
                                progress=retrieval_progress)
   return summary.EvaluationResults(payload=payload, sections=sections)
 
@@ -103,28 +109,48 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
     emb["bct-new"] = cache.phi(cfg.bct, "BCT new-model embeddings")
     cases += [("bct-new", "old"), ("bct-new", "bct-new")]
   compare = list(cfg.compare_transformations)
-  transformed, kinds, feature_modes = {}, {}, {}
+  transformed, log_vars, labels_of, feature_modes, methods, side_kinds = {}, {}, {}, {}, {}, {}
   for stage in [cfg.transformation] + compare:
     if stage not in transformed:  # h(φ_old, ψ) of the eval images from stored vectors; ψ once per side-info model
       h, tcfg, side = cache.transformation(stage)
-      transformed[stage] = h(emb["old"], cache.psi_of(side, f"side-information ({side.method}) of {stage!r}"))
-      kinds[stage] = tcfg.side_info.kind
+      transformed[stage], log_vars[stage] = h.with_uncertainty(
+          emb["old"], cache.psi_of(side, f"side-information ({side.method}) of {stage!r}"))
+      labels_of[stage] = h_label(tcfg)
       feature_modes[stage] = tcfg.feature_mode  # online (ml-fct's) or cached (ours)
+      methods[stage] = tcfg.method
+      side_kinds[stage] = tcfg.side_info.kind
       artifacts.check_finite_embeddings(transformed[stage], f"transformed (h) embeddings of {stage!r}")
+      if log_vars[stage] is not None:
+        artifacts.check_finite_embeddings(log_vars[stage], f"predicted uncertainty (s) of {stage!r}")
   emb["h"] = transformed[cfg.transformation]
+  galleries = {}
   for stage in compare:
-    label = kinds[stage] if [kinds[s] for s in compare].count(kinds[stage]) == 1 else stage
+    label = labels_of[stage] if [labels_of[s] for s in compare].count(labels_of[stage]) == 1 else stage
     emb[f"h[{label}]"] = transformed[stage]
     cases.append(("new", f"h[{label}]"))
+    galleries[f"h[{label}]"] = (transformed[stage], log_vars[stage])
+  if not galleries:
+    galleries = {"h": (emb["h"], log_vars[cfg.transformation])}
 
   results, stats = evaluate_cases(emb, labels, cases, ctx.mesh)
   analysis = _side_info_analysis(cfg, source, emb, cache.psi)
-  payload = {"cases": results, "num_eval": int(len(labels)), "side_info": kinds[cfg.transformation],
-             "feature_mode": feature_modes, "side_info_analysis": analysis}
+  payload = {"cases": results, "num_eval": int(len(labels)),
+             "side_info": side_kinds[cfg.transformation],
+             "feature_mode": feature_modes, "method": methods, "side_info_analysis": analysis}
   common.write_stage_results(stage_dir, payload, cases_lib.format_markdown_table(results))
   if jax.process_index() == 0:
     _print_analysis(cfg.name, analysis)
-  return summarize(cfg, ctx, emb, labels, payload, stats)
+  return summarize(cfg, ctx, emb, labels, payload, stats, galleries)
+
+
+def h_label(tcfg) -> str:
+  """The bracket of a transformation's rows ``new/h[<label>]``: its side-information kind (``simclr``, ``none``,
+  …), prefixed by ``fastfill`` for FastFill (``h[fastfill]`` with SimCLR ψ, the method's own setting;
+  ``h[fastfill,none]`` without side-information)."""
+  kind = tcfg.side_info.kind
+  if tcfg.method == "fct":
+    return kind
+  return tcfg.method if kind == "simclr" else f"{tcfg.method},{kind}"
 
 
 def _print_analysis(name: str, analysis: dict):
@@ -161,7 +187,7 @@ def _linear_probe(x, labels, ridge: float = 1e-3) -> float:
 def _side_info_analysis(cfg, source, emb, psi_cache):
   """Per side-info model (except zeros): its width, CKA with φ_old, and 1-NN and linear probes of ψ, φ_old and
   φ_new for each of ``cfg.probe_fields``."""
-  models = [(side, psi) for side, psi in psi_cache.values() if side.method != "none"]
+  models = [(side, psi) for side, psi in psi_cache.values() if side.method not in ("none", "old")]
   if not models:
     return {}
   fields = [f for f in cfg.probe_fields if f in source[0]]

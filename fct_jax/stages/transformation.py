@@ -18,6 +18,14 @@ Feature modes (``cfg.feature_mode``; the log and the evaluation results say whic
 
 BatchNorm of h is switched to eval mode after ``bn_eval_after`` × the total steps (ml-fct: the second half).
 
+Method (``cfg.method``): ``fct`` trains plain h with the L2 loss; ``fastfill`` (Jaeckle et al., ICLR 2023;
+ml-fct@1a7f8b5) trains h with an uncertainty head (s = log σ², ``fastfill.sigma_dim`` wide) with
+:func:`fct_jax.losses.fastfill_loss`: the L2 term plus the new model's label-smoothed classification loss of h
+through φ_new's *frozen* classifier κ_new (its kernel is a frozen input; the gradient flows through it into h), both
+weighted per item by ½ e^{−s}, plus mu_unc · s. The labels of the training images therefore enter the batches (in
+cached mode, each cached view's row carries its image's label). FastFill trains h only (the target must be φ_new,
+whose classifier it needs), not g.
+
 Side-information (``cfg.side_info``: ``kind``, ``dim``, ``stage``): ``kind="none"`` feeds ψ(x) = 0 (with
 ``dim=0`` the side branch is absent and its half of the mixer input is zeros, the paper's "no side-info" row); any
 other kind (``simclr``, ``autoencoder``, ``alt_old``, ``alt_old_mixup``) loads the finished side_info stage named
@@ -39,7 +47,7 @@ from flax.core import unfreeze
 from fct_jax import artifacts, checkpoint, losses, sharding, train_lib
 from fct_jax.data import augment, pipeline, sources
 from fct_jax.errors import FCTError
-from fct_jax.stages import common
+from fct_jax.stages import backbone, common
 
 FEATURE_KEYS = ("old", "psi", "new")
 
@@ -54,12 +62,15 @@ class Frozen:
     dims: ``{"old", "new"}`` widths (``new``: the target's, φ_new or ψ_{i+1}).
     side: the input side-information model.
     target_kind: ``"backbone"`` (h) or ``"side_info"`` (g).
+    classifier: FastFill only: ``{"kernel" [d_new, C], "bias" or None, "kind", "scale", "margin"}``, φ_new's
+      frozen classifier κ_new and its loss (:func:`new_classifier`).
   """
   apply: Callable
   variables: Dict[str, Any]
   dims: Dict[str, int]
   side: artifacts.SideInfo
   target_kind: str
+  classifier: Any = None
 
 
 def load_frozen(cfg, ctx) -> Frozen:
@@ -79,8 +90,27 @@ def load_frozen(cfg, ctx) -> Frozen:
     old = old_model.apply(v["old"], images, train=False)["embedding"]
     return jax.lax.stop_gradient((old, psi.apply(v["side"], images), new_apply(v["new"], images)))
 
+  classifier = None
+  if cfg.method == "fastfill":
+    if kind != "backbone":
+      raise FCTError(f"stage {cfg.name!r}: method='fastfill' trains h towards φ_new (it needs φ_new's classifier); "
+                     f"target {cfg.new!r} is a side_info stage (g): use method='fct'")
+    classifier = new_classifier(cfg, new_vars, new_cfg)
   return Frozen(apply, {"old": old_vars, "side": psi.variables, "new": new_vars},
-                {"old": int(old_cfg.model.embedding_dim), "new": new_dim}, psi, kind)
+                {"old": int(old_cfg.model.embedding_dim), "new": new_dim}, psi, kind, classifier)
+
+
+def new_classifier(cfg, new_vars, new_cfg) -> Dict[str, Any]:
+  """φ_new's frozen classifier κ_new (kernel [d_new, C], bias or None) and the classification loss it was trained
+  with (FastFill's discriminative term); one-line error when the new stage has none."""
+  head = new_vars.get("params", {}).get("classifier", {})
+  if "kernel" not in head:
+    raise FCTError(f"stage {cfg.name!r}: method='fastfill' needs the new model's classifier, but stage {cfg.new!r} "
+                   "has none (params['classifier']['kernel'])")
+  spec = backbone.loss_spec(new_cfg)
+  bias = head.get("bias")
+  return {"kernel": np.asarray(head["kernel"], np.float32), "bias": None if bias is None else np.asarray(bias),
+          **spec}
 
 
 def bn_eval_step(cfg, total_steps: int) -> int:
@@ -163,8 +193,16 @@ def _cached_meta_matches(meta_path: str, meta: dict) -> bool:
 # ------------------------------------------------------------------------------------------------- the stage
 
 
-def make_loss(h, batch_features: Callable, switch_step: int):
-  """The L2 loss of h, with BatchNorm in train mode before ``switch_step`` and in eval mode from it on."""
+def make_loss(h, batch_features: Callable, switch_step: int, cfg=None, classifier=None):
+  """h's loss, with BatchNorm in train mode before ``switch_step`` and in eval mode from it on: the L2 loss
+  (``method="fct"``) or FastFill's (``"fastfill"``: ``classifier`` is :attr:`Frozen.classifier`, whose kernel and
+  bias the loss reads from ``frz["classifier"]``, and batches carry ``label``)."""
+  fastfill = cfg is not None and cfg.method == "fastfill"
+  if fastfill:
+    ff = cfg.fastfill
+    weights = dict(mu_sim=float(ff.mu_sim), mu_disc=float(ff.mu_disc), mu_unc=float(ff.mu_unc),
+                   label_smoothing=float(ff.label_smoothing), kind=classifier["kind"], scale=classifier["scale"],
+                   margin=classifier["margin"])
 
   def loss(params, model_state, frz, batch, rng, step):
     del rng
@@ -172,15 +210,29 @@ def make_loss(h, batch_features: Callable, switch_step: int):
 
     def train_mode():
       out, upd = h.apply({"params": params, **model_state}, old, psi, train=True, mutable=["batch_stats"])
-      return out["embedding"], unfreeze(upd)
+      return out, unfreeze(upd)
 
     def eval_mode():
-      return h.apply({"params": params, **model_state}, old, psi, train=False)["embedding"], unfreeze(model_state)
+      return h.apply({"params": params, **model_state}, old, psi, train=False), unfreeze(model_state)
 
     bn_train = step < switch_step
-    pred, new_state = jax.lax.cond(bn_train, train_mode, eval_mode)
-    return losses.l2_transformation_loss(pred=pred, target=new), ({"bn_train_mode": bn_train.astype(jnp.float32)},
-                                                                   new_state)
+    out, new_state = jax.lax.cond(bn_train, train_mode, eval_mode)
+    metrics = {"bn_train_mode": bn_train.astype(jnp.float32)}
+    pred = out["embedding"]
+    if not fastfill:
+      return losses.l2_transformation_loss(pred=pred, target=new), (metrics, new_state)
+    kappa = frz["classifier"]
+    logits = losses.frozen_classifier_logits(embedding=pred, classifier=kappa["kernel"], bias=kappa.get("bias"),
+                                             kind=classifier["kind"]) if weights["mu_disc"] else None
+    log_var = out.get("log_var")
+    total = losses.fastfill_loss(pred=pred, target=new, log_var=log_var, logits=logits, labels=batch.get("label"),
+                                 **weights)
+    metrics["mse"] = losses.l2_transformation_loss(pred=pred, target=new)
+    if log_var is not None:
+      metrics["mean_log_var"] = jnp.mean(log_var)
+    if logits is not None:
+      metrics["new_classifier_accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return total, (metrics, new_state)
 
   return loss
 
@@ -193,27 +245,38 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context):
   mode = cfg.feature_mode
   transform = augment.train_transform(cfg.augment, cfg.data)  # the online batches', or the cached views'
   what = "h: φ_new" if frozen.target_kind == "backbone" else "g: ψ_{i+1}"
+  fastfill = cfg.method == "fastfill"
+  kappa = ({"classifier": {k: frozen.classifier[k] for k in ("kernel", "bias") if frozen.classifier[k] is not None}}
+           if fastfill else {})
   if mode == "cached":
     feats = cached_features(cfg, stage_dir, ctx, frozen, source, transform)
     check_feature_dims(cfg, feats, frozen.dims, checkpoint.join(stage_dir, "features"))
+    arrays = dict(feats)
+    if fastfill:  # row k·N + i is view k of image i (sources.AugmentedViews)
+      arrays["label"] = np.tile(artifacts.source_labels(source).astype(np.int32), int(cfg.cache_views))
     # An epoch is still one pass's worth of the N training images (each step draws from the N·K cached views), so
     # a schedule in epochs means the same number of steps in both modes.
     train_source = sources.ArraySource({"index": np.arange(len(source))})
     batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
-    task_kw = dict(frozen=None, transform=lambda ex, rng: ex, arrays=feats,
+    task_kw = dict(frozen=kappa or None, transform=lambda ex, rng: ex, arrays=arrays,
                    indices=pipeline.row_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
   else:
     train_source = source
     batch_features = lambda frz, batch: frozen.apply(frz, batch["image"])
-    task_kw = dict(frozen=frozen.variables, keys=("image",), transform=transform)
+    task_kw = dict(frozen={**frozen.variables, **kappa}, keys=("image", "label") if fastfill else ("image",),
+                   transform=transform)
   total = train_lib.resolve_steps(cfg.train, len(train_source)).total
   switch_step = bn_eval_step(cfg, total)
+  recipe = (f"; FastFill: sigma_dim {cfg.fastfill.sigma_dim}, mu_sim {cfg.fastfill.mu_sim}, mu_disc "
+            f"{cfg.fastfill.mu_disc}, mu_unc {cfg.fastfill.mu_unc}, smoothing {cfg.fastfill.label_smoothing} "
+            f"(κ_new: {frozen.classifier['kernel'].shape[1]} classes, {frozen.classifier['kind']})") if fastfill else ""
   print(f"[{cfg.name}] {what} from φ_old ({cfg.old}) and ψ ({frozen.side.method}); feature_mode={mode} "
-        f"(augment={cfg.augment}); BatchNorm eval mode from step {switch_step} of {total}", flush=True)
+        f"(augment={cfg.augment}); BatchNorm eval mode from step {switch_step} of {total}{recipe}", flush=True)
 
   def init(rng, batch):
     old, psi, _ = jax.eval_shape(lambda: batch_features(frozen.variables, batch))
     return h.init({"params": rng}, jnp.zeros(old.shape), jnp.zeros(psi.shape), train=False)
 
-  task = train_lib.Task(name=cfg.name, init=init, loss=make_loss(h, batch_features, switch_step), **task_kw)
+  task = train_lib.Task(name=cfg.name, init=init,
+                        loss=make_loss(h, batch_features, switch_step, cfg, frozen.classifier), **task_kw)
   return common.train_and_save(cfg, stage_dir, ctx, task, train_source)
