@@ -18,6 +18,9 @@ transformation_fastfill → eval), about 6 to 7 min on a shared 2-core CPU (abou
 Result (deterministic): top-1 % old/old 55.4, new/old 12.0, new/new 92.0, bct-new/old 34.4, new/h[none] 68.8,
 new/h[simclr] 87.5, h/h 84.0. ψ knows the shapes φ_old threw away: shape 1-NN 80.3 % for ψ vs 55.4 % for φ_old,
 linear probe 64.3 vs 51.3 (chance 20 %), CKA(φ_old, ψ) 0.22.
+FastFill: new/h[fastfill,none] 66.8, new/h[fastfill] 82.8; backfilling AUC top-1 (mean over f = i/21): FCT random
+79.7 (none) / 89.5 (simclr), FastFill σ 86.4 / 88.9, FastFill random 88.0 / 90.2 (docs/performance.md: why σ does
+not beat random on top-1 here).
 
 ψ's recipe (18 SimCLR epochs, per-image input standardisation, a per-channel gamma on the views) and what was
 tried before it, with numbers: docs/performance.md, "The demo's side-information".

@@ -182,9 +182,10 @@ class SideInfo:
   """A frozen side-information model as later stages use it.
 
   Attributes:
-    method: the side-info kind (``"none"`` or one of :data:`SIDE_INFO_METHODS`).
+    method: the side-info kind (``"none"``, ``"old"``, ``"stored"`` or one of :data:`SIDE_INFO_METHODS`).
     dim: width of ψ.
-    apply: ``apply(variables, images [B, H, W, 3]) -> ψ [B, dim] float32`` (eval mode; jit-able).
+    apply: ``apply(variables, images [B, H, W, 3]) -> ψ [B, dim] float32`` (eval mode; jit-able); None for
+      ``stored`` (ψ comes with the vectors, there is no model).
     variables: the frozen ψ variables (``{}`` for ``none``).
     stage: the stage it was loaded from (``""`` for ``none``).
   """
@@ -252,6 +253,8 @@ def side_info_for(cfg, ctx: Context, cache: Optional[Dict[str, SideInfo]] = None
     raise FCTError(f"unknown side_info.kind {kind!r}; valid: {', '.join(SIDE_INFO_KINDS)}")
   if kind == "none":
     return zero_side_info(dim)
+  if kind == "stored":  # ψ read from vector files (a plan on vectors): no model to load
+    return SideInfo("stored", dim, None, {}, "")
   if kind == "old":  # ψ := φ_old (the official FastFill code's "no side-info"): the old backbone itself
     psi = old_as_side_info(ctx, cfg.old, cfg.name)
     if psi.dim != dim:
@@ -334,13 +337,27 @@ def load_transformation(ctx: Context, stage: str, needed_by: str) -> Transformat
   cfg, variables = load_stage(ctx, stage, needed_by)
   if cfg.kind != "transformation":
     raise FCTError(f"stage {needed_by!r} expects {stage!r} to be a transformation stage, not {cfg.kind!r}")
-  new_config = stage_config(ctx, cfg.new, stage)
-  kind = target_kind(cfg, ctx, new_config)
-  dims = {"old": upstream_width(ctx, cfg.old, stage), "side": int(cfg.side_info.dim),
-          "new": upstream_width(ctx, cfg.new, stage, new_config)}
+  if cfg.data.name == "vectors":  # trained on stored vectors: no upstream stages, the widths are h's own
+    kind, dims = "backbone", h_dims(variables, int(cfg.side_info.dim), stage)
+  else:
+    new_config = stage_config(ctx, cfg.new, stage)
+    kind = target_kind(cfg, ctx, new_config)
+    dims = {"old": upstream_width(ctx, cfg.old, stage), "side": int(cfg.side_info.dim),
+            "new": upstream_width(ctx, cfg.new, stage, new_config)}
   h = build_h(cfg, dims["old"], dims["new"])
   _check_h_variables(h, variables, dims, stage, needed_by)
   return Transformation(stage, cfg, h, variables, dims, kind, sigma_dim(cfg))
+
+
+def h_dims(variables, side_dim: int, stage: str) -> Dict[str, int]:
+  """``{"old", "side", "new"}`` widths of a saved h (``fct_mlp``) read from its kernels: for an h trained on stored
+  vectors, which has no upstream stages to read them from (:func:`_check_h_variables` then checks the rest)."""
+  params = variables.get("params", {})
+  try:
+    return {"old": int(np.shape(params["old_proj0_dense"]["kernel"])[0]), "side": side_dim,
+            "new": int(np.shape(params["mix_out"]["kernel"])[1])}
+  except KeyError as e:
+    raise FCTError(f"transformation {stage!r}: its saved variables have no {e.args[0]!r}: not an fct_mlp h") from e
 
 
 def _check_h_variables(h, variables, dims, stage, needed_by):

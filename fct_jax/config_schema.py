@@ -36,9 +36,10 @@ FEATURE_MODES = ("online", "cached")
 # an uncertainty head, the new model's frozen classifier on h, the uncertainty-weighted loss).
 TRANSFORMATION_METHODS = ("fct", "fastfill")
 # The methods of a side_info stage, and ψ of a transformation: ``none`` (zeros), ``old`` (ψ := φ_old, the official
-# FastFill code's "no side-info") or a side_info stage's method.
+# FastFill code's "no side-info"), ``stored`` (ψ read from the vector files of a plan on vectors) or a side_info
+# stage's method.
 SIDE_INFO_METHODS = ("simclr", "autoencoder", "alt_old", "alt_old_mixup")
-SIDE_INFO_KINDS = ("none", "old") + SIDE_INFO_METHODS
+SIDE_INFO_KINDS = ("none", "old", "stored") + SIDE_INFO_METHODS
 # Orders in which a gallery is backfilled (fct_jax.retrieval.backfill): ``sigma`` needs h's uncertainty head.
 BACKFILL_ORDERINGS = ("random", "sigma", "distance")
 
@@ -94,6 +95,13 @@ DATA = {
     "digits": {"image_size": 16, "old_classes": 5, "num_eval": 497, "seed": 0},
     "imagenet2012": _TFDS, "places365": _TFDS, "cifar100": _TFDS,
     "vggface2": dict(_TFDS, eval_per_class=50),  # 50 images of each of the 500 test subjects
+    # Stored vectors made by any model (fct_jax.data.vectors; configs/vectors.py): ``train`` / ``eval`` are vector
+    # sets (an .npz, or a directory of .npy files or zarr arrays: fields old, psi, new, label, id) and the splits'
+    # names; ``classifier`` the new model's [d_new, C] classifier (FastFill's discriminative term); the model names
+    # are recorded in gallery stores; ``epoch_rows`` > 0: rows per epoch (e.g. the images when the rows are K
+    # augmented views of each; 0: every row).
+    "vectors": {"train": "", "eval": "", "classifier": "", "old_model": "old", "new_model": "new", "side_model": "",
+                "epoch_rows": 0},
 }
 
 _COMMON = {"name": Required(str), "kind": Required(str), "data": Required(dict), "split": Required(str),

@@ -286,8 +286,11 @@ def _config_lines(scfg) -> str:
   normalisation its dataset implies (a property of the dataset, not a config field)."""
   flat = _flatten(scfg.to_dict())
   lines = [f"       {k} = {v!r}" for k, v in flat.items()]
-  spec = sources.get_image_spec(scfg.data)
-  lines.append(f"       (data normalisation: mean {tuple(spec.mean)}, std {tuple(spec.std)}, resize {spec.resize})")
+  if scfg.data.name == "vectors":
+    lines.append("       (data: stored vectors, no images)")
+  else:
+    spec = sources.get_image_spec(scfg.data)
+    lines.append(f"       (data normalisation: mean {tuple(spec.mean)}, std {tuple(spec.std)}, resize {spec.resize})")
   return "\n     config:\n" + "\n".join(lines)
 
 
@@ -359,9 +362,10 @@ def _dry_run_stage(i: int, name: str, scfg, workdir: str) -> tuple[dict, str]:
       line += _dry_run_train(scfg.train, n, row)
     if scfg.kind == "transformation":
       side = scfg.side_info
-      line += (f"\n     from {scfg.old} → {scfg.new}, side-info "
-               f"{side.kind}{' (' + side.stage + ')' if side.stage else ''}, "
-               f"features {scfg.feature_mode}")
+      origin = (f"stored vectors {scfg.data[scfg.split]}" if scfg.data.name == "vectors"
+                else f"{scfg.old} → {scfg.new}")
+      line += (f"\n     from {origin}, side-info {side.kind}{' (' + side.stage + ')' if side.stage else ''}, "
+               f"method {scfg.method}, features {scfg.feature_mode}")
     if scfg.kind == "evaluation":
       compare = ", ".join(scfg.compare_transformations)
       line += (f"\n     h from {scfg.transformation}" + (f"; compared: {compare}" if compare else "")

@@ -76,3 +76,16 @@ def test_backfill_bench(tmp_path):
   rows = result["rows"]
   assert rows["partial"]["items"] == int(result["budget"] * result["n"]) and rows["full"]["items"] == result["n"]
   assert all(r["items_per_s"] > 0 for r in (rows["partial"], rows["full"])), rows
+
+
+def test_vectors_build_bench(tmp_path):
+  result, _ = _run(tmp_path, "vectors_build_bench.py", "--tiny", "--repeats", "1")
+  assert result["n"] == 2000 and result["stored_equals_source"] == {"npy": True, "zarr": True}
+  assert all(r["items_per_s"] > 0 for r in result["rows"].values()), result["rows"]
+  assert set(result["ratios"]) >= {"npy/np_save items_per_s", "zarr/np_save items_per_s"}
+
+
+def test_vectors_train_bench(tmp_path):
+  result, _ = _run(tmp_path, "vectors_train_bench.py", "--tiny")
+  assert set(result["modes"]) == {"device", "host"} and result["tiny"]
+  assert all(m["rows_per_s"] > 0 for m in result["modes"].values()), result["modes"]

@@ -237,7 +237,7 @@ def test_resolve_refuses_unknown_kinds_fields_and_missing_ones():
 
 
 def test_schema_covers_the_library():
-  """Every stage kind the library runs has a schema, and every dataset it reads a data block."""
+  """Every stage kind the library runs has a schema, and every dataset it reads a data block (stored vectors too)."""
   from fct_jax.stages import STAGE_KINDS  # pylint: disable=g-import-not-at-top
   assert set(config_schema.KINDS) == set(STAGE_KINDS)
-  assert set(config_schema.DATA) == {"shapes", "digits", *sources.TFDS_DATASETS}
+  assert set(config_schema.DATA) == {"shapes", "digits", "vectors", *sources.TFDS_DATASETS}

@@ -22,6 +22,7 @@ from fct_jax.gallery import store as store_lib
 from fct_jax.gallery import upgrade as upgrade_lib
 from fct_jax.models.transformation import FCTTransformation
 from fct_jax.retrieval import topk as topk_lib
+import gallery_cli  # tests/gallery_cli.py  pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, CHUNK, D_OLD, D_SIDE, D_NEW = 100, 16, 8, 4, 6  # 7 chunks, the last one partial
@@ -217,15 +218,7 @@ def demo_dir(tmp_path_factory):
   return wd
 
 
-def _cli(argv, capsys):
-  from fct_jax.gallery import __main__ as cli  # pylint: disable=g-import-not-at-top
-  try:
-    cli.main(argv)
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  out = capsys.readouterr()
-  return code, out.out, out.err
+_cli = gallery_cli.run_cli
 
 
 def test_cli_build_upgrade_search(demo_dir, tmp_path, capsys):

@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from fct_jax import config_schema
-from fct_jax.data import shapes, sources
+from fct_jax.data import shapes, sources, vectors
+from fct_jax.errors import FCTError
 
 # TFDS split sizes of the prepared datasets, and the class-filtered counts we know (ImageNet's first 500 classes,
 # counted once; CIFAR-100 has 500 training images per class). Anything else is counted from the label index when
@@ -36,6 +37,14 @@ def split_size(data_cfg, split: str) -> Size:
     return _shapes_size(data_cfg, split)
   if name == "digits":
     return _digits_size(data_cfg, split)
+  if name == "vectors":  # a vector set's header (its row count), not its rows
+    path = data_cfg[split] if split in data_cfg else ""
+    if not path:
+      return None, f"no vector set for split {split!r}"
+    try:
+      return vectors.open_vectors(path).num_rows, "vector file"
+    except FCTError as e:
+      return None, str(e)
   if name not in sources.TFDS_DATASETS:
     return None, f"unknown dataset {name!r}"
   return _tfds_size(name, data_cfg, split)

@@ -3,6 +3,9 @@ r"""Command line for gallery stores.
   # old time: embed the eval split with φ_old and ψ into a store
   python -m fct_jax.gallery build --experiment /tmp/fct_demo --old old --side-info side_info --split eval \
       --to /tmp/gallery
+  # ... or from embeddings another model already made (old.npy, psi.npy, id.npy in a directory; .npz; zarr)
+  python -m fct_jax.gallery build --from-vectors /data/gallery_vectors --old-model clip-b32 --side-model ae-128 \
+      --to /tmp/gallery
   # model update: apply h to the stored vectors (no images); a new version lands beside the old one
   python -m fct_jax.gallery upgrade --from /tmp/gallery --transformation /tmp/fct_demo/transformation \
       --to /tmp/gallery
@@ -14,6 +17,8 @@ r"""Command line for gallery stores.
   python -m fct_jax.gallery cost --paper --out-dir /tmp/cost_paper     # Figure 3: ResNet50-128 @224 vs FCT
   python -m fct_jax.gallery precision --transformation /tmp/fct_demo/transformation   # float16/bfloat16 cost
   python -m fct_jax.gallery info --store /tmp/gallery --verify
+  # an experiment's features as vector sets (what configs/vectors.py reads): train/, eval/, classifier.npz
+  python -m fct_jax.gallery export --experiment /tmp/fct_demo --transformation transformation --to /tmp/vectors
 
 A killed build, upgrade or backfill is resumed by rerunning the same command. User errors print one ``error: ...`` line
 and exit with status 2.
@@ -25,22 +30,26 @@ import sys
 import numpy as np
 
 from fct_jax.errors import FCTError
-from fct_jax.gallery import backfill, build, cost, loader, precision, search, upgrade
+from fct_jax.gallery import backfill, build, cost, export, loader, precision, search, upgrade
 from fct_jax.gallery import store as store_lib
 
 
 def _parser():
   ap = argparse.ArgumentParser(prog="python -m fct_jax.gallery", description=__doc__.splitlines()[0])
   sub = ap.add_subparsers(dest="cmd", required=True)
-  b = sub.add_parser("build", help="embed a split with φ_old and ψ into a store")
-  b.add_argument("--experiment", required=True, help="experiment workdir with the finished stages")
-  b.add_argument("--old", default="old", help="backbone stage that embeds the gallery")
-  b.add_argument("--side-info", default="none", help="side_info stage name, or none[:DIM] (ψ = 0)")
-  b.add_argument("--split", default="eval")
+  b = sub.add_parser("build", help="embed a split with φ_old and ψ into a store, or store existing embeddings")
+  b.add_argument("--experiment", default=None, help="experiment workdir with the finished stages (embeds images)")
+  b.add_argument("--old", default=None, help="backbone stage that embeds the gallery (default: old)")
+  b.add_argument("--side-info", default=None, help="side_info stage name, or none[:DIM] (ψ = 0; the default)")
+  b.add_argument("--split", default=None, help="split of the old stage's data (default: eval)")
+  b.add_argument("--batch-size", type=int, default=None)
+  b.add_argument("--from-vectors", default=None, help="stored embeddings instead of --experiment: an .npz, or a "
+                 "directory of .npy files or zarr arrays, with fields old, optional psi and id")
+  b.add_argument("--old-model", default=None, help="with --from-vectors: the name of the model that made 'old'")
+  b.add_argument("--side-model", default=None, help="with --from-vectors: the name of the model that made 'psi'")
   b.add_argument("--to", required=True, help="store directory (local or gs://)")
   b.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
   b.add_argument("--chunk-size", type=int, default=65536)
-  b.add_argument("--batch-size", type=int, default=None)
   u = sub.add_parser("upgrade", help="apply a transformation stage to a store")
   u.add_argument("--from", dest="src", required=True, help="source store")
   u.add_argument("--from-version", default=None, help="source version (default: its CURRENT)")
@@ -81,12 +90,37 @@ def _parser():
   i = sub.add_parser("info", help="list a store's versions")
   i.add_argument("--store", required=True)
   i.add_argument("--verify", action="store_true", help="read every chunk and check its checksum")
+  e = sub.add_parser("export", help="an experiment's h training rows and eval embeddings as vector sets")
+  e.add_argument("--experiment", required=True, help="experiment workdir")
+  e.add_argument("--transformation", default="transformation", help="a finished cached-mode transformation stage")
+  e.add_argument("--eval-stage", default="eval", help="the evaluation stage whose split and transform to embed")
+  e.add_argument("--to", required=True, help="an empty folder for train/, eval/, classifier.npz, export.json")
   return ap
 
 
+# Build flags of one source only: embedding images with an experiment's stages, or storing existing vectors.
+_IMAGE_FLAGS = {"old": "--old", "side_info": "--side-info", "split": "--split", "batch_size": "--batch-size"}
+_VECTOR_FLAGS = {"old_model": "--old-model", "side_model": "--side-model"}
+
+
 def _build(args):
-  build.build(args.experiment, store_lib.Store(args.to), old=args.old, side_info=args.side_info, split=args.split,
-              dtype=args.dtype, chunk_size=args.chunk_size, batch_size=args.batch_size)
+  if (args.experiment is None) == (args.from_vectors is None):
+    raise FCTError("build needs one source: --experiment EXPERIMENT_DIR (embed images with its stages) or "
+                   "--from-vectors PATH (stored embeddings)" + (", not both" if args.experiment else ""))
+  given = lambda flags: [flag for key, flag in flags.items() if getattr(args, key) is not None]
+  dest = store_lib.Store(args.to)
+  if args.from_vectors is not None:
+    if given(_IMAGE_FLAGS):
+      raise FCTError(f"{', '.join(given(_IMAGE_FLAGS))}: for --experiment builds only; with --from-vectors name the "
+                     "models with --old-model (and --side-model for psi)")
+    build.build_from_vectors(args.from_vectors, dest, old_model=args.old_model, side_model=args.side_model,
+                             dtype=args.dtype, chunk_size=args.chunk_size)
+    return
+  if given(_VECTOR_FLAGS):
+    raise FCTError(f"{', '.join(given(_VECTOR_FLAGS))}: for --from-vectors builds only; with --experiment the stages "
+                   "are named with --old and --side-info")
+  build.build(args.experiment, dest, dtype=args.dtype, chunk_size=args.chunk_size,
+              **{key: getattr(args, key) for key in _IMAGE_FLAGS if getattr(args, key) is not None})
 
 
 def _upgrade(args):
@@ -151,8 +185,17 @@ def _info(args):
       print("    checksums ok")
 
 
-COMMANDS = {"build": _build, "upgrade": _upgrade, "backfill": _backfill, "search": _search, "cost": _cost, "precision": _precision,
-            "info": _info}
+def _export(args):
+  rec = export.export_vectors(args.experiment, args.to, transformation=args.transformation,
+                              eval_stage=args.eval_stage)
+  print(f"wrote {args.to}/train ({rec['views']} views × {rec['epoch_rows']} images), {args.to}/eval"
+        + (", classifier.npz" if rec["classifier"] else "") + f"; train on them with configs/vectors.py:"
+        f"train={args.to}/train,eval={args.to}/eval,epoch_rows={rec['epoch_rows']}"
+        + (f",side_dim={rec['side_info_dim']}" if rec["side_info_kind"] != "none" else ""))
+
+
+COMMANDS = {"build": _build, "upgrade": _upgrade, "backfill": _backfill, "search": _search, "cost": _cost,
+            "precision": _precision, "info": _info, "export": _export}
 
 
 def run(args):

@@ -84,11 +84,11 @@ def image_source(store: store_lib.Store, version: store_lib.Version, ctx: artifa
   Taken from the build job of the version's chain when it is in this store, else from the build's old stage (its
   name is in the version's lineage) in the experiment. A ``split`` other than the build's is refused.
   """
+  first = (version.manifest.get("lineage") or [{}])[0]
   job = build_record(store, version)
   if job is not None:
     data, built_split = job["data"], job["split"]
   else:
-    first = (version.manifest.get("lineage") or [{}])[0]
     if first.get("op") != "build" or not first.get("old"):
       raise FCTError(f"gallery version {version.name!r}: cannot tell which images its ids index (no build record "
                      "in its lineage)")
@@ -184,6 +184,9 @@ def backfill(experiment_dir: str, store: store_lib.Store, *, version: Optional[s
     raise FCTError(f"unknown backfill order {order!r}; valid: {', '.join(ORDERS)} (the oracle 'distance' needs "
                    "φ_new of every item and is for the evaluation's curves only)")
   src = store.open(version)
+  if (src.manifest.get("lineage") or [{}])[0].get("op") == "build_from_vectors":
+    raise FCTError(f"gallery version {src.name!r} was built from stored vectors: backfill re-embeds images with an "
+                   "fct_jax backbone stage; with your own model, embed the items to backfill yourself")
   ctx = artifacts.Context(workdir=os.path.abspath(experiment_dir))
   emb_model = loader.embedding_model(ctx, new, "gallery backfill")
   held = src.model.get("embedding", {})

@@ -36,6 +36,17 @@ def side_info_model(ctx: artifacts.Context, kind: str, stage: str, dim: int, nee
           "dim": artifacts.upstream_width(ctx, stage, needed_by, cfg)}
 
 
+def vectors_embedding_model(name: str, dim: int) -> dict:
+  """The ``model.embedding`` record of stored vectors made by an outside model the user names (``--old-model``,
+  ``data.old_model``): no stage to fingerprint, so the name is the model version (``vectors:NAME``)."""
+  return {"stage": name, "fingerprint": f"vectors:{name}", "dim": int(dim)}
+
+
+def vectors_side_info_model(name: str, dim: int) -> dict:
+  """The ``model.side_info`` record of stored ψ made by an outside model named ``name`` (kind ``stored``)."""
+  return {"kind": "stored", "stage": name, "fingerprint": f"vectors:{name}", "dim": int(dim)}
+
+
 def split_stage_dir(stage_dir: str):
   """``EXPERIMENT_DIR/NAME`` → ``(EXPERIMENT_DIR, NAME)``."""
   stage_dir = os.path.abspath(str(stage_dir).rstrip("/"))
@@ -51,6 +62,10 @@ def load_transformation(stage_dir: str, *, needed_by: str = "gallery upgrade") -
   FastFill's h (``method="fastfill"``) also returns s = log σ² (``Transform.sigma_dim`` > 0), which the upgrade
   stores. An h trained with ``side_info.kind="old"`` (ψ := φ_old) reads the stored φ_old as its ψ too, so its
   gallery needs no stored side-information: it upgrades a store built with ``--side-info none`` (0-d ψ).
+
+  A transformation trained on stored vectors (``data.name == "vectors"``) maps between the models its data block
+  names (``old_model``, ``new_model``, ``side_model``): it upgrades a store built with ``build --from-vectors`` and
+  those names (:func:`vectors_embedding_model`, :func:`vectors_side_info_model`).
   """
   exp, name = split_stage_dir(stage_dir)
   ctx = artifacts.Context(workdir=exp)
@@ -62,7 +77,12 @@ def load_transformation(stage_dir: str, *, needed_by: str = "gallery upgrade") -
   psi_is_old = si.kind == "old"
   # ψ := φ_old is not stored a second time: the store holds no side-information, h gets φ_old twice.
   side_dim = 0 if psi_is_old else t.dims["side"]
-  side = side_info_model(ctx, "none" if psi_is_old else si.kind, si.stage, side_dim, name)
+  data = t.cfg.data
+  from_vectors = data.name == "vectors"
+  if from_vectors and si.kind not in ("none", "old"):
+    side = vectors_side_info_model(data.side_model, side_dim)
+  else:
+    side = side_info_model(ctx, "none" if psi_is_old else si.kind, si.stage, side_dim, name)
   if side["dim"] != side_dim:
     raise FCTError(f"transformation {name!r}: side_info.dim={t.dims['side']} but stage {si.stage!r} gives "
                    f"{side['dim']}-d ψ")
@@ -73,7 +93,11 @@ def load_transformation(stage_dir: str, *, needed_by: str = "gallery upgrade") -
     out = h.apply(v, old_emb, psi, train=False)
     return (out["embedding"], None) + ((out["log_var"],) if sigma_dim else ())
 
-  old, new = embedding_model(ctx, t.cfg.old, name), embedding_model(ctx, t.cfg.new, name)
+  if from_vectors:
+    old, new = (vectors_embedding_model(data.old_model, t.dims["old"]),
+                vectors_embedding_model(data.new_model, t.dims["new"]))
+  else:
+    old, new = embedding_model(ctx, t.cfg.old, name), embedding_model(ctx, t.cfg.new, name)
   return Transform(name=name, apply=apply, variables=jax.tree.map(lambda x: x, t.variables), old_dim=t.dims["old"],
                    side_dim=side_dim, new_dim=t.dims["new"],
                    fingerprint=artifacts.stage_fingerprint(os.path.join(exp, name)),

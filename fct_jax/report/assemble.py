@@ -77,8 +77,10 @@ def write(workdir: str, results: summary.EvaluationResults, cfg, experiment: str
   Returns:
     The results dictionary (what ``results.json`` holds).
   """
+  # A plan on stored vectors has no image models whose cost the update would save: no cost table.
+  costed = cfg.transformation and cfg.data.name != "vectors"
   out = build(results, experiment=experiment, paper_table=cfg.paper_table,
-              transformation_dir=os.path.join(workdir, cfg.transformation) if cfg.transformation else "")
+              transformation_dir=os.path.join(workdir, cfg.transformation) if costed else "")
   if jax.process_index() == 0:
     paths = render.write_files(out, workdir)
     print(f"[report] wrote {', '.join(os.path.basename(p) for p in paths)} in {workdir}", flush=True)

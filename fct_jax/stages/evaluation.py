@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 from fct_jax import artifacts, retrieval, writers
-from fct_jax.data import sources
+from fct_jax.data import sources, vectors
+from fct_jax.errors import FCTError
 from fct_jax.retrieval import cases as cases_lib
 from fct_jax.retrieval import cka as cka_lib
 from fct_jax.retrieval import summary
@@ -100,21 +101,29 @@ def summarize(cfg, ctx: artifacts.Context, embeddings, labels, payload: dict, st
 
 
 def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResults:
-  source, _ = sources.get_source(cfg.data, cfg.split)
-  labels = artifacts.source_labels(source)
-  cache = EmbeddingCache(cfg, ctx, source)
-  emb = {role: cache.phi(cfg[role], f"{role} embeddings") for role in ("old", "new")}
-  cases = list(cases_lib.DEFAULT_CASES)
+  if cfg.data.name == "vectors":
+    source, cache = None, None
+    labels, emb, psi_of, load_h = _vector_inputs(cfg, ctx)
+  else:
+    source, _ = sources.get_source(cfg.data, cfg.split)
+    labels = artifacts.source_labels(source)
+    cache = EmbeddingCache(cfg, ctx, source)
+    emb = {role: cache.phi(cfg[role], f"{role} embeddings") for role in ("old", "new")}
+    psi_of, load_h = cache.psi_of, cache.transformation
+  # new/old only where the two models share a width (stored vectors may not).
+  cases = [c for c in cases_lib.DEFAULT_CASES if c != ("new", "old") or emb["new"].shape[1] == emb["old"].shape[1]]
   if cfg.bct:  # the BCT baseline: φ_new^BCT against the old gallery, and against itself
+    if cache is None:
+      raise FCTError(f"stage {cfg.name!r}: bct needs the BCT model's embeddings of images; not on stored vectors")
     emb["bct-new"] = cache.phi(cfg.bct, "BCT new-model embeddings")
     cases += [("bct-new", "old"), ("bct-new", "bct-new")]
   compare = list(cfg.compare_transformations)
   transformed, log_vars, labels_of, feature_modes, methods, side_kinds = {}, {}, {}, {}, {}, {}
   for stage in [cfg.transformation] + compare:
     if stage not in transformed:  # h(φ_old, ψ) of the eval images from stored vectors; ψ once per side-info model
-      h, tcfg, side = cache.transformation(stage)
+      h, tcfg, side = load_h(stage)
       transformed[stage], log_vars[stage] = h.with_uncertainty(
-          emb["old"], cache.psi_of(side, f"side-information ({side.method}) of {stage!r}"))
+          emb["old"], psi_of(side, f"side-information ({side.method}) of {stage!r}"))
       labels_of[stage] = h_label(tcfg)
       feature_modes[stage] = tcfg.feature_mode  # online (ml-fct's) or cached (ours)
       methods[stage] = tcfg.method
@@ -133,7 +142,7 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
     galleries = {"h": (emb["h"], log_vars[cfg.transformation])}
 
   results, stats = evaluate_cases(emb, labels, cases, ctx.mesh)
-  analysis = _side_info_analysis(cfg, source, emb, cache.psi)
+  analysis = _side_info_analysis(cfg, source, emb, cache.psi) if cache is not None else {}
   payload = {"cases": results, "num_eval": int(len(labels)),
              "side_info": side_kinds[cfg.transformation],
              "feature_mode": feature_modes, "method": methods, "side_info_analysis": analysis}
@@ -141,6 +150,35 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
   if jax.process_index() == 0:
     _print_analysis(cfg.name, analysis)
   return summarize(cfg, ctx, emb, labels, payload, stats, galleries)
+
+
+def _vector_inputs(cfg, ctx: artifacts.Context):
+  """``(labels, {"old", "new"}, psi_of, load_h)`` of an evaluation on stored vectors (``data.name="vectors"``): the
+  vector set ``data[split]`` (fields old, new, label; psi for transformations with ``side_info.kind="stored"``) is
+  query and gallery at once, as the images are in the paper's protocol (each query's own item excluded)."""
+  path = cfg.data[cfg.split] if cfg.split in cfg.data else ""
+  if not path:
+    raise FCTError(f"stage {cfg.name!r}: split {cfg.split!r} names no vector set (set data.{cfg.split} to a file)")
+  vs = vectors.open_vectors(path, need=("old", "new", "label"), what=f"stage {cfg.name!r}: vectors")
+  emb = {k: vs.load(k) for k in ("old", "new")}
+  labels = vs.load("label")
+  side_cache = {}
+
+  def psi_of(side: artifacts.SideInfo, what: str = "") -> np.ndarray:
+    if side.method == "none":
+      return np.zeros((vs.num_rows, side.dim), np.float32)
+    if side.method != "stored":
+      raise FCTError(f"stage {cfg.name!r}: on stored vectors ψ is 'stored' or 'none'; {what} is {side.method!r}")
+    if not vs.has("psi"):
+      raise FCTError(f"stage {cfg.name!r}: {what} reads stored ψ, but {path} has no 'psi'")
+    if "psi" not in side_cache:
+      side_cache["psi"] = vs.load("psi")
+    if side_cache["psi"].shape[1] != side.dim:
+      raise FCTError(f"stage {cfg.name!r}: {path} holds {side_cache['psi'].shape[1]}-d ψ but {what} takes "
+                     f"{side.dim}-d")
+    return side_cache["psi"]
+
+  return labels, emb, psi_of, lambda stage: artifacts.load_h(ctx, stage, cfg.name)
 
 
 def h_label(tcfg) -> str:

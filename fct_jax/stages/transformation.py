@@ -26,6 +26,11 @@ weighted per item by ½ e^{−s}, plus mu_unc · s. The labels of the training i
 cached mode, each cached view's row carries its image's label). FastFill trains h only (the target must be φ_new,
 whose classifier it needs), not g.
 
+Stored vectors (``data.name="vectors"``, :mod:`fct_jax.data.vectors`; configs/vectors.py): the training rows are
+read from the vector set ``data[split]`` made by any model — φ_old, ψ (``side_info.kind="stored"``), φ_new, labels
+for FastFill with the new model's classifier ``data.classifier`` — and h trains on them exactly as on cached features
+(no image model is loaded; ``data.epoch_rows`` sets an epoch's length when the rows are augmented views).
+
 Side-information (``cfg.side_info``: ``kind``, ``dim``, ``stage``): ``kind="none"`` feeds ψ(x) = 0 (with
 ``dim=0`` the side branch is absent and its half of the mixer input is zeros, the paper's "no side-info" row); any
 other kind (``simclr``, ``autoencoder``, ``alt_old``, ``alt_old_mixup``) loads the finished side_info stage named
@@ -36,7 +41,7 @@ otherwise the stage stops with a one-line error before training.
 import dataclasses
 import io
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +50,7 @@ from etils import epath
 from flax.core import unfreeze
 
 from fct_jax import artifacts, checkpoint, losses, sharding, train_lib
-from fct_jax.data import augment, pipeline, sources
+from fct_jax.data import augment, pipeline, sources, vectors
 from fct_jax.errors import FCTError
 from fct_jax.stages import backbone, common
 
@@ -239,44 +244,125 @@ def make_loss(h, batch_features: Callable, switch_step: int, cfg=None, classifie
 
 def run(cfg, stage_dir: str, ctx: artifacts.Context):
   """Trains h (or g) and saves its variables to ``stage_dir/model``."""
+  if cfg.data.name == "vectors":
+    return _run_on_vectors(cfg, stage_dir, ctx)
   frozen = load_frozen(cfg, ctx)
   h = artifacts.build_h(cfg, frozen.dims["old"], frozen.dims["new"])
   source, _ = sources.get_source(cfg.data, cfg.split)
   mode = cfg.feature_mode
   transform = augment.train_transform(cfg.augment, cfg.data)  # the online batches', or the cached views'
   what = "h: φ_new" if frozen.target_kind == "backbone" else "g: ψ_{i+1}"
-  fastfill = cfg.method == "fastfill"
-  kappa = ({"classifier": {k: frozen.classifier[k] for k in ("kernel", "bias") if frozen.classifier[k] is not None}}
-           if fastfill else {})
   if mode == "cached":
     feats = cached_features(cfg, stage_dir, ctx, frozen, source, transform)
     check_feature_dims(cfg, feats, frozen.dims, checkpoint.join(stage_dir, "features"))
-    arrays = dict(feats)
-    if fastfill:  # row k·N + i is view k of image i (sources.AugmentedViews)
-      arrays["label"] = np.tile(artifacts.source_labels(source).astype(np.int32), int(cfg.cache_views))
+    if cfg.method == "fastfill":  # row k·N + i is view k of image i (sources.AugmentedViews)
+      feats = dict(feats, label=np.tile(artifacts.source_labels(source).astype(np.int32), int(cfg.cache_views)))
     # An epoch is still one pass's worth of the N training images (each step draws from the N·K cached views), so
     # a schedule in epochs means the same number of steps in both modes.
-    train_source = sources.ArraySource({"index": np.arange(len(source))})
-    batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
-    task_kw = dict(frozen=kappa or None, transform=lambda ex, rng: ex, arrays=arrays,
-                   indices=pipeline.row_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
+    train_source, batch_features, task_kw = _arrays_task(cfg, feats, len(source), frozen.classifier)
   else:
     train_source = source
     batch_features = lambda frz, batch: frozen.apply(frz, batch["image"])
-    task_kw = dict(frozen={**frozen.variables, **kappa}, keys=("image", "label") if fastfill else ("image",),
-                   transform=transform)
+    task_kw = dict(frozen={**frozen.variables, **_kappa(frozen.classifier)},
+                   keys=("image", "label") if cfg.method == "fastfill" else ("image",), transform=transform)
+  origin = f"from φ_old ({cfg.old}) and ψ ({frozen.side.method}); feature_mode={mode} (augment={cfg.augment})"
+  return _train(cfg, stage_dir, ctx, h, frozen.classifier, batch_features, train_source, task_kw,
+                f"{what} {origin}", frozen.variables)
+
+
+def _kappa(classifier) -> dict:
+  """The frozen input holding κ_new's kernel (and bias) for FastFill's loss; {} without one."""
+  if classifier is None:
+    return {}
+  return {"classifier": {k: classifier[k] for k in ("kernel", "bias") if classifier[k] is not None}}
+
+
+def _arrays_task(cfg, feats: Dict[str, np.ndarray], epoch_rows: int, classifier):
+  """``(train_source, batch_features, task kwargs)`` of h trained on feature rows held as arrays (cached features,
+  or stored vectors): batches of rows drawn by ``pipeline.row_indices``; an epoch is ``epoch_rows`` rows."""
+  train_source = sources.ArraySource({"index": np.arange(epoch_rows)})
+  batch_features = lambda frz, batch: (batch["old"], batch["psi"], batch["new"])
+  task_kw = dict(frozen=_kappa(classifier) or None, transform=lambda ex, rng: ex, arrays=feats,
+                 indices=pipeline.row_indices(len(feats["old"]), batch_size=cfg.train.batch_size, seed=int(cfg.seed)))
+  return train_source, batch_features, task_kw
+
+
+def _train(cfg, stage_dir, ctx, h, classifier, batch_features, train_source, task_kw, describe: str,
+           frozen_variables=None):
+  """The training both paths share: the BatchNorm switch, the loss (FCT's or FastFill's), the loop."""
   total = train_lib.resolve_steps(cfg.train, len(train_source)).total
   switch_step = bn_eval_step(cfg, total)
   recipe = (f"; FastFill: sigma_dim {cfg.fastfill.sigma_dim}, mu_sim {cfg.fastfill.mu_sim}, mu_disc "
             f"{cfg.fastfill.mu_disc}, mu_unc {cfg.fastfill.mu_unc}, smoothing {cfg.fastfill.label_smoothing} "
-            f"(κ_new: {frozen.classifier['kernel'].shape[1]} classes, {frozen.classifier['kind']})") if fastfill else ""
-  print(f"[{cfg.name}] {what} from φ_old ({cfg.old}) and ψ ({frozen.side.method}); feature_mode={mode} "
-        f"(augment={cfg.augment}); BatchNorm eval mode from step {switch_step} of {total}{recipe}", flush=True)
+            f"(κ_new: {classifier['kernel'].shape[1]} classes, {classifier['kind']})") if classifier else ""
+  print(f"[{cfg.name}] {describe}; BatchNorm eval mode from step {switch_step} of {total}{recipe}", flush=True)
 
   def init(rng, batch):
-    old, psi, _ = jax.eval_shape(lambda: batch_features(frozen.variables, batch))
+    old, psi, _ = jax.eval_shape(lambda: batch_features(frozen_variables, batch))
     return h.init({"params": rng}, jnp.zeros(old.shape), jnp.zeros(psi.shape), train=False)
 
-  task = train_lib.Task(name=cfg.name, init=init,
-                        loss=make_loss(h, batch_features, switch_step, cfg, frozen.classifier), **task_kw)
+  task = train_lib.Task(name=cfg.name, init=init, loss=make_loss(h, batch_features, switch_step, cfg, classifier),
+                        **task_kw)
   return common.train_and_save(cfg, stage_dir, ctx, task, train_source)
+
+
+# ------------------------------------------------------------------------------------------ stored vectors
+
+
+def vector_features(cfg) -> Tuple[Dict[str, np.ndarray], Dict[str, int], Optional[Dict[str, Any]]]:
+  """``(features, widths, classifier)`` of a transformation trained on stored vectors (``data.name="vectors"``):
+  the rows of the vector set ``data[split]`` — φ_old, ψ (``side_info.kind="stored"``; zeros for ``none``), φ_new
+  and, for FastFill, the labels — checked (shapes, finite values, ψ's width against ``side_info.dim``), and for
+  FastFill the new model's classifier ``data.classifier`` (a linear softmax head). With ``train.arrays_on_device``
+  the rows are loaded (then placed on the devices); without, the features are lazy row views of the files that each
+  step gathers from (a vector set larger than memory), after one streaming pass that checks every value."""
+  kind, side_dim, fastfill = cfg.side_info.kind, int(cfg.side_info.dim), cfg.method == "fastfill"
+  if kind not in ("none", "stored"):
+    raise FCTError(f"stage {cfg.name!r}: on stored vectors ψ is side_info.kind='stored' (read from the files) or "
+                   f"'none', not {kind!r}")
+  path = cfg.data[cfg.split] if cfg.split in cfg.data else ""
+  if not path:
+    raise FCTError(f"stage {cfg.name!r}: split {cfg.split!r} names no vector set (set data.{cfg.split} to a file)")
+  need = ("old", "new") + (("psi",) if kind == "stored" else ()) + (("label",) if fastfill else ())
+  vs = vectors.open_vectors(path, need=need, what=f"stage {cfg.name!r}: vectors")
+  if kind == "stored" and vs.dim("psi") != side_dim:
+    raise FCTError(f"stage {cfg.name!r}: {path} holds {vs.dim('psi')}-d ψ but side_info.dim={side_dim}; "
+                   f"set side_info.dim={vs.dim('psi')}")
+  floats = ("old", "new") + (("psi",) if kind == "stored" else ())
+  if cfg.train.arrays_on_device:  # loaded (and checked) once, then placed on the devices
+    feats = {k: vs.load(k) for k in floats}
+    zeros = np.zeros((vs.num_rows, side_dim), np.float32)
+  else:  # streamed: every step gathers its rows from the files (memory-mapped .npy, zarr chunks); checked first
+    vectors.check_finite(vs, floats)
+    feats = {k: vs.rows(k) for k in floats}
+    zeros = np.broadcast_to(np.zeros((1, side_dim), np.float32), (vs.num_rows, side_dim))
+  if kind != "stored":
+    feats["psi"] = zeros
+  classifier = None
+  if fastfill:
+    feats["label"] = vs.load("label").astype(np.int32)
+    if not cfg.data.classifier:
+      raise FCTError(f"stage {cfg.name!r}: method='fastfill' needs the new model's classifier: set data.classifier "
+                     "to a [d_new, classes] .npy (or .npz with kernel, bias)")
+    kernel, bias = vectors.open_classifier(cfg.data.classifier)
+    if kernel.shape[0] != feats["new"].shape[1]:
+      raise FCTError(f"stage {cfg.name!r}: classifier {cfg.data.classifier} takes {kernel.shape[0]}-d inputs but "
+                     f"φ_new in {path} is {feats['new'].shape[1]}-d")
+    if feats["label"].min() < 0 or feats["label"].max() >= kernel.shape[1]:
+      raise FCTError(f"stage {cfg.name!r}: labels in {path} must lie in [0, {kernel.shape[1]}) (the classifier's "
+                     f"classes); found {feats['label'].min()}..{feats['label'].max()}")
+    classifier = {"kernel": kernel, "bias": bias, "kind": "softmax", "scale": None, "margin": None}
+  dims = {"old": feats["old"].shape[1], "new": feats["new"].shape[1]}
+  return feats, dims, classifier
+
+
+def _run_on_vectors(cfg, stage_dir: str, ctx: artifacts.Context):
+  """h trained on stored vectors: the cached-features path, the vectors being the features."""
+  feats, dims, classifier = vector_features(cfg)
+  h = artifacts.build_h(cfg, dims["old"], dims["new"])
+  rows = len(feats["old"])
+  epoch_rows = int(cfg.data.epoch_rows) or rows
+  train_source, batch_features, task_kw = _arrays_task(cfg, feats, epoch_rows, classifier)
+  describe = (f"h: φ_new from stored vectors {cfg.data[cfg.split]} ({rows} rows of φ_old {dims['old']}-d, ψ "
+              f"{cfg.side_info.kind} {int(cfg.side_info.dim)}-d, φ_new {dims['new']}-d; an epoch is {epoch_rows} rows)")
+  return _train(cfg, stage_dir, ctx, h, classifier, batch_features, train_source, task_kw, describe)
