@@ -11,7 +11,7 @@ ways (rows ``new/h[fastfill,none]``, ``new/h[fastfill]``), and the evaluation dr
 backfilling curves (random, σ where h has the head, the distance oracle; AUC = mean over f = i/21).
 
 Whole plan (old → side_info → new → bct_new → transformation_none → transformation → transformation_fastfill_none →
-transformation_fastfill → eval), about 6 to 7 min on a shared 2-core CPU (about 3 of them the 18 SimCLR epochs):
+transformation_fastfill → eval), 5 min 14 s on a shared 2-core CPU (about 3 of them the 18 SimCLR epochs):
 
   python -m fct_jax.main --config=configs/demo.py --workdir=/tmp/fct_demo
 
