@@ -29,11 +29,16 @@ IMPORTED = "imported.json"  # in a stage directory filled from PyTorch weights (
 
 def abspath(path: str) -> str:
   """Absolute local path; URLs (``gs://…``) unchanged."""
-  return path if "://" in str(path) else os.path.abspath(path)
+  return os.path.abspath(path) if is_local(path) else path
+
+
+def is_local(path: str) -> bool:
+  """True for a local path, False for a URL (``gs://…``)."""
+  return "://" not in str(path)
 
 
 def join(*parts: str) -> str:
-  return str(epath.Path(parts[0]).joinpath(*parts[1:]))
+  return str(epath.Path(parts[0]).joinpath(*[str(p) for p in parts[1:]]))
 
 
 def exists(path: str) -> bool:

@@ -36,6 +36,8 @@ import numpy as np
 import tensorstore as ts
 from etils import epath
 
+from fct_jax.checkpoint import is_local as _is_local
+from fct_jax.checkpoint import join as _join
 from fct_jax.errors import FCTError
 
 FIELDS = ("old", "psi", "new", "label", "id")
@@ -49,9 +51,6 @@ _BF16 = np.dtype(ml_dtypes.bfloat16)
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), _BF16)
 _INT64_MAX = np.iinfo(np.int64).max
 
-
-def _is_local(path: str) -> bool:
-  return "://" not in str(path)
 
 
 def _kind(dtype: np.dtype) -> Optional[str]:
@@ -280,9 +279,6 @@ def _zarr_array(path: str, what: str) -> _Array:
   arr.get = get
   return arr
 
-
-def _join(*parts) -> str:
-  return str(epath.Path(parts[0]).joinpath(*[str(p) for p in parts[1:]]))
 
 
 def _dir_arrays(path: str, what: str) -> Dict[str, _Array]:

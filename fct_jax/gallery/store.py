@@ -51,6 +51,8 @@ import numpy as np
 import tensorstore as ts
 from etils import epath
 
+from fct_jax.checkpoint import is_local as _is_local
+from fct_jax.checkpoint import join as _join
 from fct_jax.errors import FCTError
 
 FORMAT = "fct_jax.gallery/1"
@@ -67,12 +69,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # ----------------------------------------------------------------------------------------------- small files
 
 
-def _is_local(path: str) -> bool:
-  return "://" not in str(path)
-
-
-def _join(*parts) -> str:
-  return str(epath.Path(parts[0]).joinpath(*[str(p) for p in parts[1:]]))
 
 
 def _exists(path: str) -> bool:
