@@ -127,17 +127,7 @@ def _worker(tmp, kill_at):
   """Subprocess: upgrade src → dst, SIGKILL itself once ``kill_at`` chunks have landed (others in flight)."""
   src = store_lib.Store(os.path.join(tmp, "src")).open()
   t, _ = synthetic_transform()
-  original = store_lib.VersionWriter.write_chunk
-  count = [0]
-
-  def write_chunk(self, *a, **kw):
-    out = original(self, *a, **kw)
-    count[0] += 1
-    if count[0] == kill_at:
-      os.kill(os.getpid(), signal.SIGKILL)
-    return out
-
-  store_lib.VersionWriter.write_chunk = write_chunk
+  gallery_cli.sigkill_after_chunks(kill_at)
   upgrade_lib.upgrade(src, t, store_lib.Store(os.path.join(tmp, "dst")), progress=False)
 
 

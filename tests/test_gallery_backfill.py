@@ -350,17 +350,7 @@ def test_backfill_stopped_and_killed_resume_byte_equal(upgraded, exp_dir, tmp_pa
 
 def _worker(exp, root, kill_at):
   """Subprocess: backfill half the store, SIGKILL itself once ``kill_at`` chunks have landed."""
-  original = store_lib.VersionWriter.write_chunk
-  count = [0]
-
-  def write_chunk(self, *a, **kw):
-    out = original(self, *a, **kw)
-    count[0] += 1
-    if count[0] == kill_at:
-      os.kill(os.getpid(), signal.SIGKILL)
-    return out
-
-  store_lib.VersionWriter.write_chunk = write_chunk
+  gallery_cli.sigkill_after_chunks(kill_at)
   backfill_lib.backfill(exp, store_lib.Store(root), budget=0.5, group_items=8, progress=False)
 
 

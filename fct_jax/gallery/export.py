@@ -65,10 +65,10 @@ def export_vectors(experiment_dir: str, out_dir: str, *, transformation: str = "
   split = split or ecfg.split
   eval_source, _ = sources.get_source(ecfg.data, split)
   batch, transform = artifacts.eval_batch_size(ecfg, ctx.mesh), artifacts.eval_transform(ecfg)
-  embedded = {}
+  embedded, backbone_vars = {}, {}
   for role in ("old", "new"):
-    module, variables, _ = artifacts.load_backbone(ctx, cfg[role], "export")
-    embedded[role] = artifacts.embed(module, variables, eval_source, batch_size=batch, transform=transform)
+    module, backbone_vars[role], _ = artifacts.load_backbone(ctx, cfg[role], "export")
+    embedded[role] = artifacts.embed(module, backbone_vars[role], eval_source, batch_size=batch, transform=transform)
   side = artifacts.side_info_for(cfg, ctx)
   if side.method == "none":  # ψ = 0 is not stored: a plan on the vectors feeds zeros (side_info.kind="none")
     del feats["psi"]
@@ -77,8 +77,7 @@ def export_vectors(experiment_dir: str, out_dir: str, *, transformation: str = "
                        side.embed(eval_source, batch_size=batch, transform=transform))
   eval_labels = artifacts.source_labels(eval_source).astype(np.int64)
 
-  _, new_vars, _ = artifacts.load_backbone(ctx, cfg.new, "export")
-  head = new_vars.get("params", {}).get("classifier", {})
+  head = backbone_vars["new"].get("params", {}).get("classifier", {})
   record = {"experiment": os.path.abspath(experiment_dir), "transformation": transformation, "eval_stage": eval_stage,
             "split": split, "views": views, "epoch_rows": len(train_labels), "side_info_kind": cfg.side_info.kind,
             "side_info_dim": int(cfg.side_info.dim), "classifier": "kernel" in head}

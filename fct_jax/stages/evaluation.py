@@ -118,23 +118,21 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
     emb["bct-new"] = cache.phi(cfg.bct, "BCT new-model embeddings")
     cases += [("bct-new", "old"), ("bct-new", "bct-new")]
   compare = list(cfg.compare_transformations)
-  transformed, log_vars, labels_of, feature_modes, methods, side_kinds = {}, {}, {}, {}, {}, {}
+  transformed, log_vars, tcfgs = {}, {}, {}
   for stage in [cfg.transformation] + compare:
     if stage not in transformed:  # h(φ_old, ψ) of the eval images from stored vectors; ψ once per side-info model
       h, tcfg, side = load_h(stage)
       transformed[stage], log_vars[stage] = h.with_uncertainty(
           emb["old"], psi_of(side, f"side-information ({side.method}) of {stage!r}"))
-      labels_of[stage] = h_label(tcfg)
-      feature_modes[stage] = tcfg.feature_mode  # online (ml-fct's) or cached (ours)
-      methods[stage] = tcfg.method
-      side_kinds[stage] = tcfg.side_info.kind
+      tcfgs[stage] = tcfg
       artifacts.check_finite_embeddings(transformed[stage], f"transformed (h) embeddings of {stage!r}")
       if log_vars[stage] is not None:
         artifacts.check_finite_embeddings(log_vars[stage], f"predicted uncertainty (s) of {stage!r}")
   emb["h"] = transformed[cfg.transformation]
   galleries = {}
-  for stage in compare:
-    label = labels_of[stage] if [labels_of[s] for s in compare].count(labels_of[stage]) == 1 else stage
+  brackets = [h_label(tcfgs[s]) for s in compare]  # the stage name where two transformations share a label
+  for stage, bracket in zip(compare, brackets):
+    label = bracket if brackets.count(bracket) == 1 else stage
     emb[f"h[{label}]"] = transformed[stage]
     cases.append(("new", f"h[{label}]"))
     galleries[f"h[{label}]"] = (transformed[stage], log_vars[stage])
@@ -144,8 +142,10 @@ def run(cfg, stage_dir: str, ctx: artifacts.Context) -> summary.EvaluationResult
   results, stats = evaluate_cases(emb, labels, cases, ctx.mesh)
   analysis = _side_info_analysis(cfg, source, emb, cache.psi) if cache is not None else {}
   payload = {"cases": results, "num_eval": int(len(labels)),
-             "side_info": side_kinds[cfg.transformation],
-             "feature_mode": feature_modes, "method": methods, "side_info_analysis": analysis}
+             "side_info": tcfgs[cfg.transformation].side_info.kind,
+             # online (ml-fct's) or cached (ours); fct or fastfill
+             "feature_mode": {s: c.feature_mode for s, c in tcfgs.items()},
+             "method": {s: c.method for s, c in tcfgs.items()}, "side_info_analysis": analysis}
   common.write_stage_results(stage_dir, payload, cases_lib.format_markdown_table(results))
   if jax.process_index() == 0:
     _print_analysis(cfg.name, analysis)
